@@ -1,0 +1,56 @@
+"""`python -m services.worker`: load the model, allocate the KV pool, serve Step until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import torch
+
+from services.worker.config import WorkerConfig, parse_config
+from services.worker.executor import Executor
+from services.worker.model_runner import ModelRunner
+from services.worker.servicer import WorkerServicer
+from shared.server import serve
+from shared.telemetry import setup_telemetry, start_metrics_server
+
+logger = logging.getLogger("switchyard.worker")
+
+
+async def run(config: WorkerConfig) -> None:
+    telemetry = setup_telemetry("switchyard-worker")
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    logger.info("loading %s (%s on %s)", config.model_dir, config.dtype, config.device)
+    runner = ModelRunner(
+        config.model_dir, dtype=config.dtype, device=config.device, block_size=config.block_size,
+        num_blocks=config.num_blocks, kv_cache_bytes=config.kv_cache_bytes,
+        attention_backend=config.attention_backend, max_model_len=config.max_model_len, name=config.model_name,
+    )
+    logger.info(
+        "model %s: %d KV blocks of %d tokens (%.1f MiB), attention %s, max_model_len %d",
+        runner.spec.name, runner.num_blocks, runner.block_size, runner.kv_pool.shape.num_bytes / 2**20,
+        runner.backend.name, runner.spec.max_model_len,
+    )
+    servicer = WorkerServicer(Executor(runner), version=config.version)
+    start_metrics_server(config.metrics_port)
+    await serve(
+        service_name="worker", register=servicer.register, address=config.address,
+        grace_s=config.grace_s, on_drain=servicer.drain, telemetry=telemetry,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = parse_config(argv)
+    try:
+        asyncio.run(run(config))
+    except (FileNotFoundError, ValueError) as e:
+        logger.error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Worker configuration: command-line flags, each with an environment-variable fallback.
+
+This is the only worker module that reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from shared.config import env_int, env_str
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model_dir: str
+    host: str
+    port: int
+    metrics_port: int
+    dtype: str
+    device: str
+    block_size: int
+    num_blocks: int | None
+    kv_cache_bytes: int
+    attention_backend: str
+    version: str
+    model_name: str | None
+    max_model_len: int | None
+    num_threads: int
+    grace_s: float
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_config(argv: list[str] | None = None) -> WorkerConfig:
+    p = argparse.ArgumentParser(prog="python -m services.worker", description="Switchyard worker")
+    p.add_argument("--model", default=env_str("SWITCHYARD_MODEL", "models/tiny-llama"),
+                   help="model directory (config.json, safetensors, tokenizer) [SWITCHYARD_MODEL]")
+    p.add_argument("--host", default=env_str("SWITCHYARD_WORKER_HOST", "127.0.0.1"),
+                   help="listen address; loopback unless you mean otherwise [SWITCHYARD_WORKER_HOST]")
+    p.add_argument("--port", type=int, default=env_int("SWITCHYARD_WORKER_PORT", 50061, min_value=0),
+                   help="gRPC port [SWITCHYARD_WORKER_PORT]")
+    p.add_argument("--metrics-port", type=int, default=env_int("SWITCHYARD_WORKER_METRICS_PORT", 9111, min_value=0),
+                   help="Prometheus /metrics port, 0 disables [SWITCHYARD_WORKER_METRICS_PORT]")
+    p.add_argument("--dtype", default=env_str("SWITCHYARD_DTYPE", "float32"),
+                   choices=["float32", "bfloat16", "float16"], help="weights and KV dtype [SWITCHYARD_DTYPE]")
+    p.add_argument("--device", default=env_str("SWITCHYARD_DEVICE", "cpu"), help="torch device [SWITCHYARD_DEVICE]")
+    p.add_argument("--block-size", type=int, default=env_int("SWITCHYARD_BLOCK_SIZE", 16, min_value=1),
+                   help="tokens per KV block [SWITCHYARD_BLOCK_SIZE]")
+    p.add_argument("--num-blocks", type=int, default=env_int("SWITCHYARD_NUM_BLOCKS", 0, min_value=0),
+                   help="KV blocks incl. the null block; 0 sizes the pool from --kv-cache-mib [SWITCHYARD_NUM_BLOCKS]")
+    p.add_argument("--kv-cache-mib", type=int, default=env_int("SWITCHYARD_KV_CACHE_MIB", 256, min_value=1),
+                   help="KV pool memory budget in MiB [SWITCHYARD_KV_CACHE_MIB]")
+    p.add_argument("--attention-backend", default=env_str("SWITCHYARD_ATTENTION_BACKEND", "auto"),
+                   choices=["auto", "torch", "triton"], help="paged attention kernels [SWITCHYARD_ATTENTION_BACKEND]")
+    p.add_argument("--version", dest="version_label", default=env_str("SWITCHYARD_MODEL_VERSION", "v1"),
+                   help="model version label for cache keys and pools [SWITCHYARD_MODEL_VERSION]")
+    p.add_argument("--model-name", default=env_str("SWITCHYARD_MODEL_NAME", "") or None,
+                   help="served model name; default the directory name [SWITCHYARD_MODEL_NAME]")
+    p.add_argument("--max-model-len", type=int, default=env_int("SWITCHYARD_MAX_MODEL_LEN", 0, min_value=0),
+                   help="cap on prompt + output tokens; 0 uses the model's [SWITCHYARD_MAX_MODEL_LEN]")
+    p.add_argument("--num-threads", type=int, default=env_int("SWITCHYARD_TORCH_THREADS", 0, min_value=0),
+                   help="torch intra-op threads; 0 keeps torch's default [SWITCHYARD_TORCH_THREADS]")
+    p.add_argument("--grace-s", type=float, default=float(env_str("SWITCHYARD_GRACE_S", "10")),
+                   help="seconds in-flight steps get on shutdown [SWITCHYARD_GRACE_S]")
+    a = p.parse_args(argv)
+    return WorkerConfig(
+        model_dir=a.model, host=a.host, port=a.port, metrics_port=a.metrics_port, dtype=a.dtype,
+        device=a.device, block_size=a.block_size, num_blocks=a.num_blocks or None,
+        kv_cache_bytes=a.kv_cache_mib * 2**20, attention_backend=a.attention_backend,
+        version=a.version_label, model_name=a.model_name, max_model_len=a.max_model_len or None,
+        num_threads=a.num_threads, grace_s=a.grace_s,
+    )

@@ -1,0 +1,159 @@
+"""The worker's pure core: keeps per-request state between steps and executes one batch.
+
+The scheduler sends a request in full once and then only deltas, so the worker keeps each
+request's tokens, block table and computed count. Every step is checked against that state
+before any tensor is touched: a step that names an unknown request, a block outside the pool, or
+tokens the worker does not have is refused whole (`InvalidArgument`), so a confused scheduler can
+never write into another request's blocks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from services.worker.kernels import build_metadata
+from services.worker.model_runner import ModelRunner
+from services.worker.sampler import Sampler, SamplingParams, SamplingRow
+from services.worker.step import RequestResult, StepInput, StepResult, TokenLogprobs
+from shared.errors import InvalidArgument
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    num_scheduled_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)  # prompt + output, kept for slicing
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class Executor:
+    """Applies a `StepInput` to the request states and runs it through the model."""
+
+    def __init__(self, runner: ModelRunner, sampler: Sampler | None = None) -> None:
+        self.runner = runner
+        self.sampler = sampler or Sampler(runner.device)
+        self.requests: dict[str, RequestState] = {}
+
+    def reset(self) -> int:
+        num_dropped = len(self.requests)
+        self.requests.clear()
+        return num_dropped
+
+    def execute(self, step: StepInput) -> StepResult:
+        started = time.perf_counter()
+        scheduled = self._apply(step)
+        outputs = self._run(scheduled) if scheduled else ()
+        return StepResult(step.step_id, tuple(outputs), time.perf_counter() - started)
+
+    def _apply(self, step: StepInput) -> list[RequestState]:
+        """Validates the whole step first, then mutates state, so a refused step changes nothing."""
+        vocab_size = self.runner.spec.vocab_size
+        staged: dict[str, RequestState] = {}
+        remaining = {rid: s for rid, s in self.requests.items() if rid not in set(step.finished_request_ids)}
+        for new in step.new_requests:
+            field_name = f"new_requests[{new.request_id}]"
+            if new.request_id in remaining or new.request_id in staged:
+                raise InvalidArgument(f"{field_name}.request_id: already held by this worker", field=field_name)
+            tokens = list(new.prompt_token_ids) + list(new.output_token_ids)
+            if not new.prompt_token_ids:
+                raise InvalidArgument(f"{field_name}.prompt_token_ids: empty", field=field_name)
+            if any(t < 0 or t >= vocab_size for t in tokens):
+                raise InvalidArgument(f"{field_name}.prompt_token_ids: ids must be in [0, {vocab_size})", field=field_name)
+            staged[new.request_id] = RequestState(
+                new.request_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling,
+                list(new.block_ids), new.num_computed_tokens, new.num_scheduled_tokens, tokens,
+            )
+        for cached in step.cached_requests:
+            field_name = f"cached_requests[{cached.request_id}]"
+            old = remaining.get(cached.request_id)
+            if old is None:
+                raise InvalidArgument(f"{field_name}.request_id: not held by this worker", field=field_name)
+            if cached.num_computed_tokens is not None and cached.num_computed_tokens != old.num_computed_tokens:
+                raise InvalidArgument(
+                    f"{field_name}.num_computed_tokens: scheduler says {cached.num_computed_tokens}, "
+                    f"worker has {old.num_computed_tokens}", field=field_name)
+            staged[cached.request_id] = RequestState(
+                old.request_id, old.prompt_token_ids, old.output_token_ids, old.sampling,
+                old.block_ids + list(cached.new_block_ids), old.num_computed_tokens,
+                cached.num_scheduled_tokens, old.token_ids,
+            )
+        for state in staged.values():
+            self._check_schedulable(state)
+        for rid in step.finished_request_ids:
+            self.requests.pop(rid, None)
+        self.requests.update(staged)
+        return [s for s in staged.values() if s.num_scheduled_tokens > 0]
+
+    def _check_schedulable(self, state: RequestState) -> None:
+        field_name = f"requests[{state.request_id}]"
+        end = state.num_computed_tokens + state.num_scheduled_tokens
+        if state.num_scheduled_tokens < 0 or state.num_computed_tokens < 0:
+            raise InvalidArgument(f"{field_name}.num_scheduled_tokens: negative counts", field=field_name)
+        if end > state.num_tokens:
+            raise InvalidArgument(
+                f"{field_name}.num_scheduled_tokens: would compute up to token {end} "
+                f"but the request has {state.num_tokens}", field=field_name)
+        if end > self.runner.spec.max_model_len:
+            raise InvalidArgument(f"{field_name}: exceeds max_model_len {self.runner.spec.max_model_len}", field=field_name)
+        if len(state.block_ids) * self.runner.block_size < end:
+            raise InvalidArgument(
+                f"{field_name}.block_ids: {len(state.block_ids)} blocks cannot hold {end} tokens", field=field_name)
+        if not all(self.runner.kv_pool.is_valid_block(b) for b in state.block_ids):
+            raise InvalidArgument(
+                f"{field_name}.block_ids: ids must be in [1, {self.runner.num_blocks})", field=field_name)
+
+    def _run(self, scheduled: list[RequestState]) -> list[RequestResult]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        logits_rows: list[int] = []
+        sampling_reqs: list[RequestState] = []
+        for state in scheduled:
+            start, end = state.num_computed_tokens, state.num_computed_tokens + state.num_scheduled_tokens
+            input_ids.extend(state.token_ids[start:end])
+            positions.extend(range(start, end))
+            if end == state.num_tokens:  # the prompt (or last sampled token) is complete: sample
+                logits_rows.append(len(input_ids) - 1)
+                sampling_reqs.append(state)
+        device = self.runner.device
+        meta = build_metadata(
+            [s.num_scheduled_tokens for s in scheduled],
+            [s.num_computed_tokens + s.num_scheduled_tokens for s in scheduled],
+            [s.block_ids for s in scheduled],
+            self.runner.block_size,
+            device,
+        )
+        logits = self.runner.forward(
+            torch.tensor(input_ids, dtype=torch.int64, device=device),
+            torch.tensor(positions, dtype=torch.int64, device=device),
+            meta,
+            torch.tensor(logits_rows, dtype=torch.int64, device=device),
+        )
+        for state in scheduled:
+            state.num_computed_tokens += state.num_scheduled_tokens
+            state.num_scheduled_tokens = 0
+        if not sampling_reqs:
+            return []
+        rows = [SamplingRow(s.sampling, s.prompt_token_ids, s.output_token_ids) for s in sampling_reqs]
+        results = []
+        for state, sampled in zip(sampling_reqs, self.sampler.sample(logits, rows)):
+            if sampled.error:
+                results.append(RequestResult(state.request_id, (), (), sampled.error))
+                continue
+            state.output_token_ids.append(sampled.token_id)
+            state.token_ids.append(sampled.token_id)
+            logprobs = ()
+            if sampled.logprob is not None:
+                logprobs = (TokenLogprobs(sampled.logprob, sampled.top_token_ids, sampled.top_logprobs),)
+            results.append(RequestResult(state.request_id, (sampled.token_id,), logprobs))
+        return results

@@ -1,0 +1,59 @@
+"""A thin gRPC shell over the worker's Executor.
+
+Steps run in one dedicated thread: torch releases the GIL while computing, so the event loop
+stays free to answer health checks and Info while a long prefill runs, and one thread means
+steps never overlap (the scheduler sends one at a time per worker anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from switchyard.worker.v1 import worker_pb2 as pb
+from switchyard.worker.v1 import worker_pb2_grpc
+
+from services.worker import wire
+from services.worker.executor import Executor
+from shared.errors import Unavailable
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, executor: Executor, *, version: str) -> None:
+        self._executor = executor
+        self._version = version
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
+        self._lock = asyncio.Lock()
+        self._draining = False
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        worker_pb2_grpc.add_WorkerServicer_to_server(self, server)
+        return [pb.DESCRIPTOR.services_by_name["Worker"].full_name]
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.WorkerInfo:
+        runner = self._executor.runner
+        return wire.info_to_pb(
+            runner.spec, block_size=runner.block_size, num_blocks=runner.num_blocks, version=self._version,
+            device=str(runner.device), attention_backend=runner.backend.name,
+        )
+
+    async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
+        if self._draining:
+            raise Unavailable("worker is shutting down")
+        step = wire.step_from_pb(request)
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(self._thread, self._executor.execute, step)
+        return wire.result_to_pb(result)
+
+    async def Reset(self, request: pb.ResetRequest, context: grpc.aio.ServicerContext) -> pb.ResetResponse:
+        async with self._lock:
+            return pb.ResetResponse(num_dropped_requests=self._executor.reset())
+
+    async def drain(self) -> None:
+        """Refuses new steps and waits for the one in flight, so no step is cut in half."""
+        self._draining = True
+        async with self._lock:
+            pass
+        self._thread.shutdown(wait=True)

@@ -1,0 +1,60 @@
+"""Plain dataclasses of one step, as the worker core sees it (wire.py converts from protobuf)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.worker.sampler import SamplingParams
+
+
+@dataclass(frozen=True)
+class NewRequestData:
+    """A request the worker has not seen, sent in full once."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    output_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    block_ids: tuple[int, ...]
+    num_computed_tokens: int
+    num_scheduled_tokens: int
+
+
+@dataclass(frozen=True)
+class CachedRequestData:
+    """A request the worker holds: only the new blocks and how many tokens to compute."""
+
+    request_id: str
+    new_block_ids: tuple[int, ...]
+    num_scheduled_tokens: int
+    num_computed_tokens: int | None = None  # the scheduler's view, checked when given
+
+
+@dataclass(frozen=True)
+class StepInput:
+    step_id: int = 0
+    new_requests: tuple[NewRequestData, ...] = ()
+    cached_requests: tuple[CachedRequestData, ...] = ()
+    finished_request_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    logprob: float
+    top_token_ids: tuple[int, ...]
+    top_logprobs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    request_id: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step_id: int
+    outputs: tuple[RequestResult, ...] = field(default_factory=tuple)
+    execute_duration_s: float = 0.0

@@ -1,0 +1,122 @@
+"""The only worker module that touches protobuf: converts `switchyard.worker.v1` to and from
+the plain dataclasses of `step.py`."""
+
+from __future__ import annotations
+
+from switchyard.worker.v1 import worker_pb2 as pb
+
+from services.worker.model_runner import ModelSpec
+from services.worker.sampler import SamplingParams
+from services.worker.step import CachedRequestData, NewRequestData, StepInput, StepResult
+from shared.errors import InvalidArgument
+
+
+def sampling_from_pb(msg: pb.SamplingParams, field: str = "sampling") -> SamplingParams:
+    try:
+        return _sampling_from_pb(msg)
+    except ValueError as e:  # SamplingParams names the bad field; we add where it sits
+        raise InvalidArgument(f"{field}.{e}", field=field) from e
+
+
+def _sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        temperature=msg.temperature,
+        top_k=msg.top_k,
+        top_p=msg.top_p,
+        min_p=msg.min_p,
+        repetition_penalty=msg.repetition_penalty,
+        presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty,
+        seed=msg.seed if msg.HasField("seed") else None,
+        return_logprobs=msg.return_logprobs,
+        num_logprobs=msg.num_logprobs,
+    )
+
+
+def sampling_to_pb(params: SamplingParams) -> pb.SamplingParams:
+    return pb.SamplingParams(
+        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+        repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty, seed=params.seed,
+        num_logprobs=params.num_logprobs, return_logprobs=params.return_logprobs,
+    )
+
+
+def step_from_pb(msg: pb.StepRequest) -> StepInput:
+    return StepInput(
+        step_id=msg.step_id,
+        new_requests=tuple(
+            NewRequestData(
+                request_id=r.request_id,
+                prompt_token_ids=tuple(r.prompt_token_ids),
+                output_token_ids=tuple(r.output_token_ids),
+                sampling=sampling_from_pb(r.sampling, f"new_requests[{r.request_id}].sampling"),
+                block_ids=tuple(r.block_ids),
+                num_computed_tokens=r.num_computed_tokens,
+                num_scheduled_tokens=r.num_scheduled_tokens,
+            )
+            for r in msg.new_requests
+        ),
+        cached_requests=tuple(
+            CachedRequestData(
+                request_id=r.request_id,
+                new_block_ids=tuple(r.new_block_ids),
+                num_scheduled_tokens=r.num_scheduled_tokens,
+                num_computed_tokens=r.num_computed_tokens,
+            )
+            for r in msg.cached_requests
+        ),
+        finished_request_ids=tuple(msg.finished_request_ids),
+    )
+
+
+def step_to_pb(step: StepInput) -> pb.StepRequest:
+    """Used by the scheduler's worker client and by tests that drive a worker directly."""
+    return pb.StepRequest(
+        step_id=step.step_id,
+        new_requests=[
+            pb.NewRequest(
+                request_id=r.request_id, prompt_token_ids=r.prompt_token_ids,
+                output_token_ids=r.output_token_ids, sampling=sampling_to_pb(r.sampling),
+                block_ids=r.block_ids, num_computed_tokens=r.num_computed_tokens,
+                num_scheduled_tokens=r.num_scheduled_tokens,
+            )
+            for r in step.new_requests
+        ],
+        cached_requests=[
+            pb.CachedRequest(
+                request_id=r.request_id, new_block_ids=r.new_block_ids,
+                num_scheduled_tokens=r.num_scheduled_tokens, num_computed_tokens=r.num_computed_tokens or 0,
+            )
+            for r in step.cached_requests
+        ],
+        finished_request_ids=step.finished_request_ids,
+    )
+
+
+def result_to_pb(result: StepResult) -> pb.StepResponse:
+    return pb.StepResponse(
+        step_id=result.step_id,
+        execute_duration_s=result.execute_duration_s,
+        outputs=[
+            pb.RequestOutput(
+                request_id=o.request_id,
+                token_ids=o.token_ids,
+                error=o.error,
+                logprobs=[
+                    pb.TokenLogprob(logprob=lp.logprob, top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
+                    for lp in o.logprobs
+                ],
+            )
+            for o in result.outputs
+        ],
+    )
+
+
+def info_to_pb(spec: ModelSpec, *, block_size: int, num_blocks: int, version: str, device: str,
+               attention_backend: str) -> pb.WorkerInfo:
+    return pb.WorkerInfo(
+        model=spec.name, dtype=spec.dtype, block_size=block_size, num_blocks=num_blocks,
+        max_model_len=spec.max_model_len, version=version, vocab_size=spec.vocab_size,
+        eos_token_ids=spec.eos_token_ids, device=device, attention_backend=attention_backend,
+    )
