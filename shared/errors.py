@@ -189,7 +189,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    def _wrap(self, behavior: Callable[..., Any], method: str, response_streaming: bool) -> Callable[..., Any]:
+    def _wrap(
+        self, behavior: Callable[..., Any], method: str, response_streaming: bool
+    ) -> Callable[..., Any]:
         is_async = inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
         if not is_async:
             return behavior
@@ -227,7 +229,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return unary_wrapper
 
     @staticmethod
-    def _refusal(error: SwitchyardError, method: str) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    def _refusal(
+        error: SwitchyardError, method: str
+    ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
         async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             await _abort(context, error, method)
             yield  # pragma: no cover - makes this an async generator; abort always raises

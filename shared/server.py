@@ -81,12 +81,21 @@ class GrpcServer:
         return self._bound_port
 
     @property
+    def target(self) -> str:
+        """"host:port" a client on this machine can dial, with the real port."""
+        return f"{self.address.rpartition(':')[0]}:{self.bound_port}"
+
+    @property
     def service_names(self) -> tuple[str, ...]:
         return self._service_names
 
     @property
     def shutting_down(self) -> bool:
         return self._shutdown_task is not None
+
+    @property
+    def terminated(self) -> bool:
+        return self._terminated.is_set()
 
     async def start(self) -> None:
         if self._server is not None:
@@ -237,3 +246,6 @@ async def serve(
         await server.wait_for_termination()
     finally:
         server.remove_signal_handlers()
+        if not server.terminated:
+            # serve() itself was cancelled: still leave nothing half-running.
+            await server.shutdown()

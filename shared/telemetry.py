@@ -101,7 +101,10 @@ def _instrument_grpc() -> None:
     not_plumbing = filters.negate(
         filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection."))
     )
-    for instrumentor in (GrpcAioInstrumentorServer(filter_=not_plumbing), GrpcAioInstrumentorClient(filter_=not_plumbing)):
+    for instrumentor in (
+        GrpcAioInstrumentorServer(filter_=not_plumbing),
+        GrpcAioInstrumentorClient(filter_=not_plumbing),
+    ):
         if not instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.instrument()
 

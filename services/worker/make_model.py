@@ -212,7 +212,8 @@ def build_model(preset: Preset, tokenizer: PreTrainedTokenizerBase) -> LlamaForC
     init_weights(model, SEED)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
+        # End-of-turn ends a chat reply, as in chat-tuned Llama models; plain EOS ends the rest.
+        eos_token_id=[config.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")],
         pad_token_id=config.pad_token_id,
         do_sample=False,
     )

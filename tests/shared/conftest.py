@@ -80,7 +80,9 @@ class Probe:
                 raise ERRORS[r]()
         return b"".join(received)
 
-    async def bidi(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def bidi(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
         async for r in requests:
             if r in ERRORS:
                 raise ERRORS[r]()

@@ -91,7 +91,7 @@ async def test_shutdown_order(probe: Probe) -> None:
         on_drain=on_drain, telemetry=_FakeTelemetry(events),  # type: ignore[arg-type]
     )
     await server.start()
-    async with insecure_channel(f"127.0.0.1:{server.bound_port}") as ch:
+    async with insecure_channel(server.target) as ch:
         # The same entry point the SIGTERM handler uses.
         server.request_shutdown(signal.SIGTERM)
         assert server.shutting_down
@@ -113,7 +113,9 @@ async def test_grace_bounds_a_stuck_drain(probe: Probe) -> None:
     async def stuck() -> None:
         await asyncio.Event().wait()
 
-    server = GrpcServer(service_name="probe", register=probe.register, address="127.0.0.1:0", grace_s=0.2, on_drain=stuck)
+    server = GrpcServer(
+        service_name="probe", register=probe.register, address="127.0.0.1:0", grace_s=0.2, on_drain=stuck
+    )
     await server.start()
     started = asyncio.get_running_loop().time()
     await asyncio.wait_for(server.shutdown(), 2)
@@ -124,14 +126,16 @@ async def test_second_signal_stops_without_grace(probe: Probe) -> None:
     async def stuck() -> None:
         await asyncio.Event().wait()
 
-    server = GrpcServer(service_name="probe", register=probe.register, address="127.0.0.1:0", grace_s=60, on_drain=stuck)
+    server = GrpcServer(
+        service_name="probe", register=probe.register, address="127.0.0.1:0", grace_s=60, on_drain=stuck
+    )
     await server.start()
     async with insecure_channel(f"127.0.0.1:{server.bound_port}") as ch:
         call = ch.unary_stream(method("Stream"))(b"hang")
         assert await call.read() == b"0"
         server.request_shutdown(signal.SIGTERM)
         await asyncio.sleep(0.05)
-        assert not server._terminated.is_set()
+        assert server.shutting_down and not server.terminated
         server.request_shutdown(signal.SIGINT)
         await asyncio.wait_for(server.wait_for_termination(), 2)
         # The hanging stream was cut off instead of holding the process for a minute. The client
@@ -177,3 +181,23 @@ async def test_serve_until_sigterm(probe: Probe) -> None:
     assert events == ["drain", "telemetry flushed"]
     # serve() removed its handler again, so a later SIGTERM behaves as before.
     assert signal.getsignal(signal.SIGTERM) == original_handler
+
+
+async def test_cancelling_serve_still_shuts_down(probe: Probe) -> None:
+    events: list[str] = []
+    ready = asyncio.Event()
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        ready.set()
+        return list(probe.register(server))
+
+    task = asyncio.create_task(serve(
+        service_name="probe", register=register, address="127.0.0.1:0", grace_s=0,
+        telemetry=_FakeTelemetry(events),  # type: ignore[arg-type]
+    ))
+    await asyncio.wait_for(ready.wait(), 2)
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert events == ["telemetry flushed"]

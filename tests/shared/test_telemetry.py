@@ -45,7 +45,8 @@ async def test_trace_id_travels_to_server_logs(probe: Probe, caplog: pytest.LogC
     telemetry = setup_telemetry("switchyard-test")
     caplog.set_level(logging.ERROR, logger="shared.errors")
     # Created after setup so that the instrumented grpc.aio factories are used on both sides.
-    async with GrpcServer(service_name="probe", register=probe.register, address="127.0.0.1:0", grace_s=0) as server:
+    server = GrpcServer(service_name="probe", register=probe.register, address="127.0.0.1:0", grace_s=0)
+    async with server:
         async with insecure_channel(f"127.0.0.1:{server.bound_port}") as ch:
             with telemetry.tracer("test").start_as_current_span("client"):
                 client_trace_id = current_trace_id()

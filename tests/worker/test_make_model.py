@@ -58,7 +58,8 @@ def test_special_token_ids_agree_everywhere(
     config, generation = tiny_model.config, tiny_model.generation_config
     assert config.vocab_size == len(tokenizer) == 4096
     assert config.bos_token_id == generation.bos_token_id == tokenizer.bos_token_id
-    assert config.eos_token_id == generation.eos_token_id == tokenizer.eos_token_id
+    assert config.eos_token_id == tokenizer.eos_token_id
+    assert generation.eos_token_id == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")]
     assert config.pad_token_id == tokenizer.pad_token_id
     assert len({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}) == 3
 
