@@ -1,0 +1,131 @@
+"""Admission: turns a client's generation request into a scheduler `Request`, or refuses it.
+
+The tokenizer validates too, but the scheduler is a service of its own with other callers (tests,
+benchmarks, future front doors), so every field is checked here again before anything is queued.
+Unset sampling fields take the OpenAI defaults (temperature 1, top_p 1, max_tokens 16). Each
+refusal names the field, as DESIGN.md's error table requires.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from services.scheduler.request import Request, WorkerSampling
+from shared.errors import InvalidArgument
+
+DEFAULT_MAX_TOKENS = 16
+MAX_NUM_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class ClientSampling:
+    """Sampling fields as the client sent them; None means unset."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool | None = None
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class Submission:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: ClientSampling
+    session_id: str = ""
+    cache_salt: str = ""
+    priority: int = 0
+    timeout_s: float | None = None  # from the call's gRPC deadline
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a request must fit: the smallest limits among the workers it could land on."""
+
+    max_model_len: int
+    vocab_size: int
+    max_tokens_per_request: int  # KV capacity of one worker, in tokens
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise InvalidArgument(message, field=field)
+
+
+def _finite(value: float | None) -> bool:
+    return value is None or math.isfinite(value)
+
+
+def resolve_sampling(s: ClientSampling, vocab_size: int) -> tuple[WorkerSampling, int]:
+    """Validates the client's sampling fields; returns the worker's sampling and max_tokens."""
+    _check(s.max_tokens is None or s.max_tokens >= 1, "sampling.max_tokens", f"must be >= 1, got {s.max_tokens}")
+    _check(_finite(s.temperature) and (s.temperature is None or s.temperature >= 0),
+           "sampling.temperature", f"must be a finite number >= 0, got {s.temperature}")
+    _check(s.top_k is None or s.top_k >= 0, "sampling.top_k", f"must be >= 0 (0 disables), got {s.top_k}")
+    _check(_finite(s.top_p) and (s.top_p is None or 0 < s.top_p <= 1),
+           "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+    _check(_finite(s.min_p) and (s.min_p is None or 0 <= s.min_p <= 1),
+           "sampling.min_p", f"must be in [0, 1], got {s.min_p}")
+    _check(_finite(s.repetition_penalty) and (s.repetition_penalty is None or s.repetition_penalty > 0),
+           "sampling.repetition_penalty", f"must be > 0, got {s.repetition_penalty}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(s, name)
+        _check(_finite(value) and (value is None or -2 <= value <= 2),
+               f"sampling.{name}", f"must be in [-2, 2], got {value}")
+    _check(s.logprobs is None or 0 <= s.logprobs <= MAX_NUM_LOGPROBS,
+           "sampling.logprobs", f"must be in [0, {MAX_NUM_LOGPROBS}], got {s.logprobs}")
+    bad_stop = [t for t in s.stop_token_ids if not 0 <= t < vocab_size]
+    _check(not bad_stop, "sampling.stop_token_ids", f"ids must be in [0, {vocab_size}), got {bad_stop[:5]}")
+    sampling = WorkerSampling(
+        temperature=1.0 if s.temperature is None else s.temperature,
+        top_k=s.top_k or 0,
+        top_p=1.0 if s.top_p is None else s.top_p,
+        min_p=s.min_p or 0.0,
+        repetition_penalty=1.0 if s.repetition_penalty is None else s.repetition_penalty,
+        presence_penalty=s.presence_penalty or 0.0,
+        frequency_penalty=s.frequency_penalty or 0.0,
+        seed=s.seed,
+        return_logprobs=s.logprobs is not None,
+        num_logprobs=s.logprobs or 0,
+    )
+    return sampling, DEFAULT_MAX_TOKENS if s.max_tokens is None else s.max_tokens
+
+
+def build_request(sub: Submission, limits: ModelLimits, now_s: float) -> Request:
+    """Validates a submission against the model's limits and returns a WAITING request."""
+    _check(bool(sub.request_id), "request_id", "must not be empty")
+    num_prompt_tokens = len(sub.prompt_token_ids)
+    _check(num_prompt_tokens > 0, "prompt_token_ids", "must not be empty")
+    bad = [t for t in sub.prompt_token_ids if not 0 <= t < limits.vocab_size]
+    _check(not bad, "prompt_token_ids", f"ids must be in [0, {limits.vocab_size}), got {bad[:5]}")
+    sampling, max_tokens = resolve_sampling(sub.sampling, limits.vocab_size)
+    total = num_prompt_tokens + max_tokens
+    _check(total <= limits.max_model_len, "sampling.max_tokens",
+           f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds the model's "
+           f"maximum length of {limits.max_model_len} tokens")
+    _check(total <= limits.max_tokens_per_request, "sampling.max_tokens",
+           f"prompt + max_tokens = {total} tokens exceeds one worker's KV cache of "
+           f"{limits.max_tokens_per_request} tokens")
+    _check(sub.timeout_s is None or sub.timeout_s > 0, "deadline", "already passed")
+    return Request(
+        request_id=sub.request_id,
+        prompt_token_ids=list(sub.prompt_token_ids),
+        sampling=sampling,
+        max_tokens=max_tokens,
+        stop_token_ids=frozenset(sub.sampling.stop_token_ids),
+        ignore_eos=bool(sub.sampling.ignore_eos),
+        priority=sub.priority,
+        arrival_s=now_s,
+        deadline_s=None if sub.timeout_s is None else now_s + sub.timeout_s,
+        session_id=sub.session_id,
+        cache_salt=sub.cache_salt,
+    )

@@ -1,0 +1,162 @@
+"""Block pool: reference counts and the LRU free list of one worker's KV blocks.
+
+The scheduler owns the worker's block table, so this pool is the single source of truth for which
+physical blocks are in use. A block whose last user went away may still hold KV for a published
+prefix ("cached"); it stays where it is until the pool actually needs the space, so a later request
+with the same prefix can skip its prefill. When space is needed, the least recently freed block goes
+first: a prefix nobody has touched for longest is the one least likely to be asked for again.
+
+Block 0 is the null block the worker pads block tables with; it never holds real KV, so it is never
+on the free list and can never be handed out.
+
+The pool knows nothing of hashing. When allocation takes a cached block, `on_evict(block_hash,
+block_id)` fires before the block is handed out, so the owner's prefix index can drop the entry at
+the exact moment the KV behind it stops being valid.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+from shared.errors import InvalidArgument, ResourceExhausted
+
+NULL_BLOCK_ID = 0
+
+EvictCallback = Callable[[bytes, int], None]
+
+
+class BlockPool:
+    """Ref counts, optional (hash, tokens) per block, and an LRU-ordered free list with O(1) updates."""
+
+    def __init__(self, num_blocks: int, *, on_evict: EvictCallback | None = None) -> None:
+        if num_blocks < 1:
+            raise InvalidArgument(f"must be >= 1 (block 0 is the reserved null block), got {num_blocks}",
+                                  field="num_blocks")
+        self.num_blocks = num_blocks
+        self._on_evict = on_evict
+        self.reset()
+
+    def reset(self) -> None:
+        """Every usable block unreferenced and unhashed; nothing is reported evicted (the owner clears its index)."""
+        self._ref_counts: list[int] = [0] * self.num_blocks
+        self._block_hashes: list[bytes | None] = [None] * self.num_blocks
+        self._token_ids: list[tuple[int, ...] | None] = [None] * self.num_blocks
+        # OrderedDict rather than a deque: a cache hit must pull a block out of the middle in O(1).
+        # Head = next to be allocated (evicted), tail = most recently freed.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, self.num_blocks))
+        # Counters kept incrementally so stats never scan the pool.
+        self._num_used = 0
+        self._num_cached = 0
+
+    # --- counts ---------------------------------------------------------------------------------
+
+    @property
+    def num_usable(self) -> int:
+        return self.num_blocks - 1
+
+    @property
+    def num_used(self) -> int:
+        """Blocks referenced by at least one live request."""
+        return self._num_used
+
+    @property
+    def num_cached(self) -> int:
+        """Unreferenced blocks still holding a published prefix (evictable)."""
+        return self._num_cached
+
+    @property
+    def num_free(self) -> int:
+        """Unreferenced blocks holding nothing anyone can look up."""
+        return self.num_usable - self._num_used - self._num_cached
+
+    @property
+    def num_allocatable(self) -> int:
+        """Blocks `allocate` can hand out right now: free plus evictable cached."""
+        return len(self._free)
+
+    # --- per-block state ------------------------------------------------------------------------
+
+    def ref_count(self, block_id: int) -> int:
+        self._check_id(block_id)
+        return self._ref_counts[block_id]
+
+    def block_hash(self, block_id: int) -> bytes | None:
+        self._check_id(block_id)
+        return self._block_hashes[block_id]
+
+    def token_ids(self, block_id: int) -> tuple[int, ...] | None:
+        self._check_id(block_id)
+        return self._token_ids[block_id]
+
+    def free_block_ids(self) -> list[int]:
+        """The free list in eviction order (next to be allocated first). O(n); for stats and tests."""
+        return list(self._free)
+
+    # --- transitions ----------------------------------------------------------------------------
+
+    def allocate(self, num_blocks: int) -> list[int]:
+        """Takes `num_blocks` blocks from the free-list head, each with ref_count 1, evicting cached ones."""
+        if num_blocks < 0:
+            raise InvalidArgument(f"must be >= 0, got {num_blocks}", field="num_blocks")
+        if num_blocks > len(self._free):
+            # All or nothing: a half-done allocation would leave the caller owning blocks it cannot use.
+            raise ResourceExhausted(f"num_blocks: {num_blocks} requested, {len(self._free)} allocatable",
+                                    retry_after_s=0.0, field="num_blocks")
+        block_ids: list[int] = []
+        for _ in range(num_blocks):
+            block_id, _ = self._free.popitem(last=False)
+            block_hash = self._block_hashes[block_id]
+            if block_hash is not None:
+                self._num_cached -= 1
+                self._block_hashes[block_id] = None
+                self._token_ids[block_id] = None
+                if self._on_evict is not None:
+                    self._on_evict(block_hash, block_id)
+            self._ref_counts[block_id] = 1
+            self._num_used += 1
+            block_ids.append(block_id)
+        return block_ids
+
+    def ref(self, block_id: int) -> None:
+        """One more user of `block_id`; a cache hit on an unreferenced block pulls it off the free list."""
+        self._check_usable(block_id)
+        if self._ref_counts[block_id] == 0:
+            del self._free[block_id]
+            self._num_used += 1
+            if self._block_hashes[block_id] is not None:
+                self._num_cached -= 1
+        self._ref_counts[block_id] += 1
+
+    def free(self, block_id: int) -> None:
+        """One user fewer; at zero the block joins the free-list tail, keeping its hash (still cached)."""
+        self._check_usable(block_id)
+        if self._ref_counts[block_id] == 0:
+            raise InvalidArgument(f"block {block_id} is not referenced (double free)", field="block_id")
+        self._ref_counts[block_id] -= 1
+        if self._ref_counts[block_id] == 0:
+            self._free[block_id] = None
+            self._num_used -= 1
+            if self._block_hashes[block_id] is not None:
+                self._num_cached += 1
+
+    def set_hash(self, block_id: int, block_hash: bytes, token_ids: Sequence[int]) -> None:
+        """Marks a referenced block as published under `block_hash` (so it stays cached when freed)."""
+        self._check_usable(block_id)
+        # Only live blocks get published: an unreferenced one could be evicted under the caller's feet,
+        # and allowing it would need extra bookkeeping for a case no caller has.
+        if self._ref_counts[block_id] == 0:
+            raise InvalidArgument(f"block {block_id} is not referenced", field="block_id")
+        if self._block_hashes[block_id] is not None:
+            raise InvalidArgument(f"block {block_id} is already published", field="block_id")
+        self._block_hashes[block_id] = block_hash
+        self._token_ids[block_id] = tuple(token_ids)
+
+    def _check_id(self, block_id: int) -> None:
+        if not 0 <= block_id < self.num_blocks:
+            raise InvalidArgument(f"{block_id} is outside 0..{self.num_blocks - 1}", field="block_id")
+
+    def _check_usable(self, block_id: int) -> None:
+        self._check_id(block_id)
+        if block_id == NULL_BLOCK_ID:
+            raise InvalidArgument("the null block 0 is never referenced", field="block_id")

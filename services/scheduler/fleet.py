@@ -1,0 +1,174 @@
+"""The fleet: every worker loop, the router, and the live requests' event queues.
+
+It admits a request (validate, route, enqueue), delivers each worker's events to the right
+stream, aborts on cancel, and moves the requests of a worker that died to another worker of the
+same pool, where they resume by recomputing prompt + generated tokens. Tokens already streamed
+are kept in the request, and the failed step's tokens were never delivered, so the client sees
+neither a gap nor a repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from services.scheduler.admission import ModelLimits, Submission, build_request
+from services.scheduler.batcher import RequestEvent
+from services.scheduler.request import FinishReason, Request
+from services.scheduler.router import PoolConfig, Router, RoutingDecision, WorkerLoad
+from services.scheduler.worker_loop import WorkerLoop
+from shared.errors import InvalidArgument, ResourceExhausted, Unavailable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    pools: tuple[PoolConfig, ...]
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 128
+    max_waiting_requests: int = 1024  # across the fleet; beyond it new requests get RESOURCE_EXHAUSTED
+    step_timeout_s: float = 60.0
+    probe_interval_s: float = 1.0
+    load_weight: float = 1.0
+    decode_cost_tokens: float = 8.0
+    router_seed: int | None = None
+
+
+@dataclass
+class LiveRequest:
+    request: Request
+    worker: WorkerLoop
+    decision: RoutingDecision
+    events: asyncio.Queue[RequestEvent] = field(default_factory=asyncio.Queue)
+    queued_at_s: float = 0.0
+    first_token_at_s: float | None = None
+
+
+class Fleet:
+    def __init__(self, config: FleetConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.router = Router(config.pools, load_weight=config.load_weight,
+                             decode_cost_tokens=config.decode_cost_tokens, seed=config.router_seed)
+        self._clock = clock
+        self.live: dict[str, LiveRequest] = {}
+        self._idle = asyncio.Event()  # set while no request is live; drain waits on it
+        self._idle.set()
+        self.loops: dict[str, WorkerLoop] = {}
+        for pool in config.pools:
+            for address in pool.worker_addresses:
+                if address in self.loops:
+                    raise InvalidArgument(f"worker {address} is listed in two pools", field="pools")
+                self.loops[address] = WorkerLoop(
+                    address, pool.name, on_events=self._deliver, on_down=self._on_worker_down,
+                    max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+                    step_timeout_s=config.step_timeout_s, probe_interval_s=config.probe_interval_s, clock=clock,
+                )
+
+    async def start(self, wait_s: float = 0.0) -> None:
+        """Starts every loop; waits up to `wait_s` for all workers to answer (missing ones join later)."""
+        for loop in self.loops.values():
+            loop.start()
+        if wait_s > 0:
+            await asyncio.gather(*(loop.wait_until_up(wait_s) for loop in self.loops.values()))
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(loop.stop() for loop in self.loops.values()))
+
+    # --- admission ------------------------------------------------------------------------------
+    def _pool_loops(self, pool: str) -> list[WorkerLoop]:
+        return [loop for loop in self.loops.values() if loop.pool == pool]
+
+    def _limits(self, pool: str) -> ModelLimits:
+        specs = [loop.spec for loop in self._pool_loops(pool) if loop.up and loop.spec is not None]
+        if not specs:
+            raise Unavailable(f"no worker of pool {pool!r} is up")
+        return ModelLimits(
+            max_model_len=min(s.max_model_len for s in specs),
+            vocab_size=min(s.vocab_size for s in specs),
+            max_tokens_per_request=min(s.max_tokens_per_request for s in specs),
+        )
+
+    def _loads(self, pool: str, request: Request) -> list[WorkerLoad]:
+        loads = []
+        for loop in self._pool_loops(pool):
+            batcher = loop.batcher
+            if not loop.up or batcher is None:
+                loads.append(WorkerLoad(loop.address, False, 0, 0, 0))
+                continue
+            overlap = batcher.block_manager.num_cached_prefix_tokens(request.all_token_ids, request.cache_salt)
+            loads.append(WorkerLoad(loop.address, True, overlap, batcher.num_queued_prefill_tokens,
+                                    batcher.num_running_decode_requests))
+        return loads
+
+    def num_waiting(self) -> int:
+        return sum(loop.batcher.num_waiting for loop in self.loops.values() if loop.batcher is not None)
+
+    def submit(self, sub: Submission) -> LiveRequest:
+        if sub.request_id in self.live:
+            raise InvalidArgument(f"request {sub.request_id!r} is already running", field="request_id")
+        if self.num_waiting() >= self.config.max_waiting_requests:
+            raise ResourceExhausted(
+                f"waiting queue is full ({self.config.max_waiting_requests} requests)", retry_after_s=0.5)
+        pool, sticky = self.router.choose_pool(sub.session_id, lambda name: any(l.up for l in self._pool_loops(name)))
+        now = self._clock()
+        request = build_request(sub, self._limits(pool), now)
+        decision = self.router.choose_worker(pool, request.num_prompt_tokens, self._loads(pool, request), sticky=sticky)
+        live = LiveRequest(request, self.loops[decision.worker], decision, queued_at_s=now)
+        self.live[request.request_id] = live
+        self._idle.clear()
+        live.worker.submit(request)
+        return live
+
+    def abort(self, request_id: str) -> bool:
+        live = self._forget(request_id)
+        if live is None:
+            return False
+        live.worker.abort(request_id)
+        # An explicit Abort RPC leaves the Generate stream open; this ends it with a status.
+        live.events.put_nowait(RequestEvent(request_id, (), (), FinishReason.ABORT))
+        return True
+
+    def finish(self, request_id: str) -> None:
+        """Forgets a request whose stream ended (its last event was delivered)."""
+        self._forget(request_id)
+
+    def _forget(self, request_id: str) -> LiveRequest | None:
+        live = self.live.pop(request_id, None)
+        if not self.live:
+            self._idle.set()
+        return live
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    # --- callbacks from the worker loops --------------------------------------------------------
+    def _deliver(self, events: list[RequestEvent]) -> None:
+        now = self._clock()
+        for event in events:
+            live = self.live.get(event.request_id)
+            if live is None:
+                continue  # aborted while its step was in flight
+            if event.token_ids and live.first_token_at_s is None:
+                live.first_token_at_s = now
+            live.events.put_nowait(event)
+
+    def _on_worker_down(self, dead: WorkerLoop, requests: Sequence[Request]) -> None:
+        for request in requests:
+            live = self.live.get(request.request_id)
+            if live is None:
+                continue
+            others = [l for l in self._pool_loops(dead.pool) if l.up and l is not dead]
+            if not others:
+                self._forget(request.request_id)
+                live.events.put_nowait(RequestEvent(request.request_id, (), (), FinishReason.ABORT,
+                                                    error=f"unavailable: no worker of pool {dead.pool!r} is up"))
+                continue
+            decision = self.router.choose_worker(dead.pool, request.num_prompt_tokens, self._loads(dead.pool, request))
+            live.worker, live.decision = self.loops[decision.worker], decision
+            live.worker.submit(request)
+            logger.info("request %s moved from %s to %s after %d tokens", request.request_id, dead.address,
+                        decision.worker, len(request.output_token_ids))

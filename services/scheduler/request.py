@@ -1,0 +1,82 @@
+"""A generation request as the scheduler tracks it, from admission to its finish.
+
+The scheduler keeps the only authoritative copy of a request's tokens: the worker holds a mirror
+that may be dropped at any time (preemption, a dead worker), so everything needed to send the
+request again in full — prompt, tokens generated so far, resolved sampling — lives here. Sampling
+arrives already resolved to concrete values (`WorkerSampling`) so no default is applied twice.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted and queued again; owns no blocks
+    RUNNING = "running"  # owns blocks and the worker holds its state
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS or a stop token id
+    LENGTH = "length"  # max_tokens or the model's max length
+    ABORT = "abort"  # cancelled, deadline passed, or the worker reported an error
+
+
+@dataclass(frozen=True)
+class WorkerSampling:
+    """What the worker's SamplingParams need, resolved to concrete values."""
+
+    temperature: float = 1.0  # 0 is greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    return_logprobs: bool = False
+    num_logprobs: int = 0  # top alternatives per token
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    logprob: float
+    top_token_ids: tuple[int, ...]
+    top_logprobs: tuple[float, ...]
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: WorkerSampling
+    max_tokens: int
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    priority: int = 0  # higher first
+    arrival_s: float = 0.0
+    deadline_s: float | None = None  # absolute, same clock as the `now_s` given to Batcher.expire
+    session_id: str = ""
+    cache_salt: str = ""
+    # Mutable state, owned by the Batcher that holds the request.
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V the worker has (or is writing in the step in flight)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the FIRST placement (usage)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+

@@ -1,0 +1,76 @@
+"""A thin gRPC shell over the Fleet: handlers only enqueue and await."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from switchyard.scheduler.v1 import scheduler_pb2 as pb
+from switchyard.scheduler.v1 import scheduler_pb2_grpc
+
+from services.scheduler import wire
+from services.scheduler.fleet import Fleet
+from shared.errors import DeadlineExceeded, SwitchyardError, Unavailable
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+        self._draining = False
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(self, server)
+        return [pb.DESCRIPTOR.services_by_name["Scheduler"].full_name]
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TokenEvent]:
+        if self._draining:
+            raise Unavailable("scheduler is draining")
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        live = self._fleet.submit(wire.submission_from_pb(request, context.time_remaining()))
+        finished = False
+        try:
+            while not finished:
+                event = await live.events.get()
+                finished = event.finish_reason is not None
+                if event.error:
+                    raise _error_for(event.error)
+                yield wire.event_to_pb(event, live.request)
+        finally:
+            # Reached on normal end, on error, and when the client goes away (cancellation).
+            if finished:
+                self._fleet.finish(live.request.request_id)
+            else:
+                self._fleet.abort(live.request.request_id)
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        return pb.AbortResponse(found=self._fleet.abort(request.request_id))
+
+    async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.SchedulerStats:
+        workers = []
+        for loop in self._fleet.loops.values():
+            row = dict(address=loop.address, pool=loop.pool, up=loop.up)
+            if loop.batcher is not None:
+                manager = loop.batcher.block_manager
+                row.update(
+                    num_blocks_total=manager.num_blocks_total, num_blocks_used=manager.num_blocks_used,
+                    num_blocks_cached=manager.num_blocks_cached, num_blocks_free=manager.num_blocks_free,
+                    num_running_requests=loop.batcher.num_running, num_waiting_requests=loop.batcher.num_waiting,
+                )
+            workers.append(row)
+        pools = [dict(name=p.name, version=p.version, weight=p.weight) for p in self._fleet.router.pools()]
+        return wire.stats_to_pb(workers, pools, len(self._fleet.live))
+
+    async def drain(self) -> None:
+        """Refuses new requests and lets the running ones finish (bounded by the server's grace)."""
+        self._draining = True
+        await self._fleet.wait_idle()
+
+
+def _error_for(message: str) -> SwitchyardError:
+    if message.startswith("deadline"):
+        return DeadlineExceeded(message)
+    if message.startswith("unavailable"):
+        return Unavailable(message)
+    return SwitchyardError(f"request failed: {message}")

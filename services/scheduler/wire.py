@@ -1,0 +1,134 @@
+"""The only scheduler module that touches protobuf: the public request and token events on one
+side, the worker's Step contract on the other."""
+
+from __future__ import annotations
+
+from switchyard.api.v1 import generation_pb2 as api_pb
+from switchyard.scheduler.v1 import scheduler_pb2 as pb
+from switchyard.worker.v1 import worker_pb2 as worker_pb
+
+from services.scheduler.admission import ClientSampling, Submission
+from services.scheduler.batcher import RequestEvent, RequestOutput, StepPlan
+from services.scheduler.request import FinishReason, Request, TokenLogprob, WorkerSampling
+from services.scheduler.worker_spec import WorkerSpec
+
+_FINISH_TO_PB = {
+    None: api_pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: api_pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: api_pb.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: api_pb.FINISH_REASON_ABORT,
+}
+
+
+def _optional(msg, name: str):  # noqa: ANN001, ANN202 (protobuf message, any scalar)
+    return getattr(msg, name) if msg.HasField(name) else None
+
+
+def client_sampling_from_pb(s: api_pb.SamplingParams) -> ClientSampling:
+    return ClientSampling(
+        max_tokens=_optional(s, "max_tokens"),
+        temperature=_optional(s, "temperature"),
+        top_k=_optional(s, "top_k"),
+        top_p=_optional(s, "top_p"),
+        min_p=_optional(s, "min_p"),
+        repetition_penalty=_optional(s, "repetition_penalty"),
+        presence_penalty=_optional(s, "presence_penalty"),
+        frequency_penalty=_optional(s, "frequency_penalty"),
+        seed=_optional(s, "seed"),
+        stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=_optional(s, "ignore_eos"),
+        logprobs=_optional(s, "logprobs"),
+    )
+
+
+def submission_from_pb(msg: pb.GenerateRequest, timeout_s: float | None) -> Submission:
+    return Submission(
+        request_id=msg.request_id,
+        prompt_token_ids=tuple(msg.prompt_token_ids),
+        sampling=client_sampling_from_pb(msg.sampling),
+        session_id=msg.session_id,
+        cache_salt=msg.cache_salt,
+        priority=msg.priority,
+        timeout_s=timeout_s,
+    )
+
+
+def _logprob_to_api(lp: TokenLogprob) -> api_pb.TokenLogprob:
+    return api_pb.TokenLogprob(logprob=lp.logprob, top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
+
+
+def event_to_pb(event: RequestEvent, request: Request) -> pb.TokenEvent:
+    finished = event.finish_reason is not None
+    return pb.TokenEvent(
+        request_id=event.request_id,
+        token_ids=event.token_ids,
+        logprobs=[_logprob_to_api(lp) for lp in event.logprobs],
+        finish_reason=_FINISH_TO_PB[event.finish_reason],
+        num_prompt_tokens=request.num_prompt_tokens if finished else 0,
+        num_cached_tokens=request.num_cached_tokens if finished else 0,
+        num_output_tokens=len(request.output_token_ids),
+    )
+
+
+def _sampling_to_worker(s: WorkerSampling) -> worker_pb.SamplingParams:
+    return worker_pb.SamplingParams(
+        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+        repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty, seed=s.seed, num_logprobs=s.num_logprobs,
+        return_logprobs=s.return_logprobs,
+    )
+
+
+def plan_to_pb(plan: StepPlan) -> worker_pb.StepRequest:
+    return worker_pb.StepRequest(
+        step_id=plan.step_id,
+        new_requests=[
+            worker_pb.NewRequest(
+                request_id=n.request.request_id,
+                prompt_token_ids=n.request.prompt_token_ids,
+                output_token_ids=n.request.output_token_ids,
+                sampling=_sampling_to_worker(n.request.sampling),
+                block_ids=n.block_ids,
+                num_computed_tokens=n.num_computed_tokens,
+                num_scheduled_tokens=n.num_scheduled_tokens,
+            )
+            for n in plan.new_requests
+        ],
+        cached_requests=[
+            worker_pb.CachedRequest(
+                request_id=c.request_id, new_block_ids=c.new_block_ids,
+                num_scheduled_tokens=c.num_scheduled_tokens, num_computed_tokens=c.num_computed_tokens,
+            )
+            for c in plan.cached_requests
+        ],
+        finished_request_ids=plan.finished_request_ids,
+    )
+
+
+def outputs_from_pb(msg: worker_pb.StepResponse) -> list[RequestOutput]:
+    return [
+        RequestOutput(
+            request_id=o.request_id,
+            token_ids=tuple(o.token_ids),
+            logprobs=tuple(
+                TokenLogprob(lp.logprob, tuple(lp.top_token_ids), tuple(lp.top_logprobs)) for lp in o.logprobs
+            ),
+            error=o.error,
+        )
+        for o in msg.outputs
+    ]
+
+
+def worker_spec_from_pb(msg: worker_pb.WorkerInfo) -> WorkerSpec:
+    return WorkerSpec(
+        model=msg.model, version=msg.version, block_size=msg.block_size, num_blocks=msg.num_blocks,
+        max_model_len=msg.max_model_len, vocab_size=msg.vocab_size, eos_token_ids=tuple(msg.eos_token_ids),
+    )
+
+
+def stats_to_pb(workers: list[dict], pools: list[dict], num_live_requests: int) -> pb.SchedulerStats:
+    return pb.SchedulerStats(
+        workers=[pb.WorkerStats(**w) for w in workers],
+        pools=[pb.PoolStats(**p) for p in pools],
+        num_live_requests=num_live_requests,
+    )

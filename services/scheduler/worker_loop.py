@@ -1,0 +1,156 @@
+"""One asyncio task per worker: schedule → Step → update → deliver events.
+
+The loop is the only code that touches its worker's Batcher while a step is planned, so the
+batcher needs no locks; gRPC handlers only call `submit`/`abort`, which are synchronous and take
+effect at the next iteration. A failed Step marks the worker down and hands every live request to
+`on_down` (the fleet moves them to another worker of the pool); a probe then waits for the worker
+to answer again, resets it, and brings it back into its pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+import grpc
+from switchyard.worker.v1 import worker_pb2 as worker_pb
+from switchyard.worker.v1 import worker_pb2_grpc
+
+from services.scheduler import wire
+from services.scheduler.batcher import Batcher, RequestEvent
+from services.scheduler.block_manager import BlockManager
+from services.scheduler.request import Request
+from services.scheduler.worker_spec import WorkerSpec
+from shared.channel import insecure_channel
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_S = 0.05  # how often an idle-but-blocked loop re-checks deadlines
+
+
+class WorkerLoop:
+    def __init__(
+        self,
+        address: str,
+        pool: str,
+        *,
+        on_events: Callable[[list[RequestEvent]], None],
+        on_down: Callable[["WorkerLoop", list[Request]], None],
+        on_up: Callable[["WorkerLoop"], None] = lambda loop: None,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 128,
+        step_timeout_s: float = 60.0,
+        probe_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.address = address
+        self.pool = pool
+        self.spec: WorkerSpec | None = None
+        self.batcher: Batcher | None = None
+        self.up = False
+        self.num_steps = 0
+        self._on_events = on_events
+        self._on_down = on_down
+        self._on_up = on_up
+        self._max_num_batched_tokens = max_num_batched_tokens
+        self._max_num_seqs = max_num_seqs
+        self._step_timeout_s = step_timeout_s
+        self._probe_interval_s = probe_interval_s
+        self._clock = clock
+        self._channel = insecure_channel(address)
+        self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # --- called by the fleet / handlers (synchronous, never block) ---------------------------
+    def submit(self, request: Request) -> None:
+        assert self.batcher is not None  # the fleet only routes to workers that are up
+        self.batcher.add(request)
+        self._wake.set()
+
+    def abort(self, request_id: str) -> Request | None:
+        if self.batcher is None:
+            return None
+        request = self.batcher.abort(request_id)
+        self._wake.set()
+        return request
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._lifecycle(), name=f"worker-loop {self.address}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._channel.close()
+
+    async def wait_until_up(self, timeout_s: float) -> bool:
+        deadline = self._clock() + timeout_s
+        while not self.up and self._clock() < deadline:
+            await asyncio.sleep(0.02)
+        return self.up
+
+    # --- the loop ------------------------------------------------------------------------------
+    async def _lifecycle(self) -> None:
+        while not self._stopping:
+            await self._connect()
+            try:
+                await self._run()
+            except grpc.aio.AioRpcError as e:
+                self._mark_down(f"Step failed: {e.code().name} {e.details()}")
+
+    async def _connect(self) -> None:
+        """Waits until the worker answers Info, then resets its state and joins the pool."""
+        while not self._stopping:
+            try:
+                info = await self._stub.Info(worker_pb.InfoRequest(), timeout=2.0)
+                await self._stub.Reset(worker_pb.ResetRequest(), timeout=5.0)
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(self._probe_interval_s)
+                continue
+            self.spec = wire.worker_spec_from_pb(info)
+            manager = BlockManager(self.spec.num_blocks, self.spec.block_size, self.spec.version)
+            self.batcher = Batcher(
+                manager, max_model_len=self.spec.max_model_len, eos_token_ids=self.spec.eos_token_ids,
+                max_num_batched_tokens=self._max_num_batched_tokens, max_num_seqs=self._max_num_seqs,
+            )
+            self.up = True
+            logger.info("worker %s (pool %s) up: %s %s, %d blocks", self.address, self.pool,
+                        self.spec.model, self.spec.version, self.spec.num_blocks)
+            self._on_up(self)
+            return
+
+    async def _run(self) -> None:
+        batcher = self.batcher
+        assert batcher is not None
+        while not self._stopping:
+            self._wake.clear()
+            expired = batcher.expire(self._clock())
+            if expired:
+                self._on_events(expired)
+            plan = batcher.schedule()
+            if plan.is_empty:
+                timeout = IDLE_POLL_S if batcher.has_work() else None
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except TimeoutError:
+                    pass
+                continue
+            reply = await self._stub.Step(wire.plan_to_pb(plan), timeout=self._step_timeout_s)
+            self.num_steps += 1
+            events = batcher.update(plan, wire.outputs_from_pb(reply))
+            if events:
+                self._on_events(events)
+            await asyncio.sleep(0)  # let handlers enqueue between steps
+
+    def _mark_down(self, reason: str) -> None:
+        logger.warning("worker %s (pool %s) down: %s", self.address, self.pool, reason)
+        self.up = False
+        requests = self.batcher.take_all() if self.batcher is not None else []
+        self.batcher = None
+        self._on_down(self, requests)
