@@ -129,7 +129,8 @@ class BlockPool:
         self._ref_counts[block_id] += 1
 
     def free(self, block_id: int) -> None:
-        """One user fewer; at zero the block joins the free-list tail, keeping its hash (still cached)."""
+        """One user fewer; at zero a cached block joins the free-list tail (kept longest), an
+        uncached one the head (reused first: evicting it loses nothing)."""
         self._check_usable(block_id)
         if self._ref_counts[block_id] == 0:
             raise InvalidArgument(f"block {block_id} is not referenced (double free)", field="block_id")
@@ -139,6 +140,8 @@ class BlockPool:
             self._num_used -= 1
             if self._block_hashes[block_id] is not None:
                 self._num_cached += 1
+            else:
+                self._free.move_to_end(block_id, last=False)
 
     def set_hash(self, block_id: int, block_hash: bytes, token_ids: Sequence[int]) -> None:
         """Marks a referenced block as published under `block_hash` (so it stays cached when freed)."""

@@ -203,3 +203,23 @@ async def test_bad_requests_are_refused_with_the_field(tiny_model_dir) -> None:
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert field_name in err.value.details()
         assert not stack.fleet.live
+
+
+async def test_deadline_aborts_and_frees_blocks(tiny_model_dir) -> None:
+    async with Stack(tiny_model_dir) as stack:
+        prompt = prompts(1, 4096, seed=7, lo=50, hi=50)[0]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in stack.stub.Generate(greedy_request("late", prompt, 1900), timeout=0.5):
+                pass
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        def settled() -> bool:  # the worker was told to drop it (finished ids sent), nothing left to do
+            return not stack.fleet.live and not any(l.batcher.has_work() for l in stack.fleet.loops.values())
+
+        for _ in range(100):
+            if settled():
+                break
+            await asyncio.sleep(0.05)
+        assert settled() and await blocks_in_use(stack.stub) == 0
+        steps_after = {a: l.num_steps for a, l in stack.fleet.loops.items()}
+        await asyncio.sleep(0.3)
+        assert {a: l.num_steps for a, l in stack.fleet.loops.items()} == steps_after  # nothing scheduled for it

@@ -1,0 +1,321 @@
+"""Builds one worker's batches: which requests run in the next step, with how many tokens and blocks.
+
+Continuous batching with chunked prefill. Every request has `num_computed_tokens` that catches up
+to `num_tokens`; there is no separate prefill or decode phase, so a step can mix decodes, prompt
+chunks and newly admitted requests under one token budget. Running decodes are scheduled first
+because each is a single token and a stalled decode is a visible stall in someone's stream; prompt
+chunks then take whatever budget is left. When the KV pool runs out, a running request is
+preempted (lowest priority, newest arrival) and later recomputed from scratch — recompute rather
+than swap keeps the worker stateless about preemption, and with prefix caching most of the prefix
+usually comes back from the cache anyway.
+
+The Batcher is the scheduler's only view of what the worker holds. Sends are deltas: a request is
+sent in full once (`ScheduledNew`) and then only as counts and new block ids (`ScheduledCached`);
+whenever the worker must forget a request (finished, aborted, preempted) its id travels in the next
+plan's `finished_request_ids`, exactly once.
+
+`num_computed_tokens` advances when a step is planned, not when its result arrives: the worker
+computes exactly what was planned or the step fails whole (and the worker is reset via
+`take_all`), so the two views agree, and a `schedule()` made before the previous `update()` can
+never schedule the same tokens twice.
+
+Knobs (constructor arguments; nothing is read from the environment):
+- `max_model_len` — the model's context length; a request stops with LENGTH when it reaches it.
+- `eos_token_ids` — a sampled id from this set stops a request (STOP) unless it set `ignore_eos`.
+- `max_num_batched_tokens` (default 2048) — token budget of one step, all requests together.
+- `max_num_seqs` (default 128) — most requests running (holding blocks on the worker) at once.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+from services.scheduler.block_manager import BlockManager
+from services.scheduler.plan import (
+    RequestEvent,
+    RequestOutput,
+    ScheduledCached,
+    ScheduledNew,
+    StepPlan,
+)
+from services.scheduler.request import FinishReason, Request, RequestStatus
+from shared.errors import InvalidArgument
+
+__all__ = [
+    "Batcher",
+    "RequestEvent",
+    "RequestOutput",
+    "ScheduledCached",
+    "ScheduledNew",
+    "StepPlan",
+]
+
+DEADLINE_ERROR = "deadline exceeded"
+NO_TOKEN_ERROR = "worker returned no token for a request that completed its chunk"
+
+# (-priority, arrival_s, insertion seq): smallest is served first, largest is preempted first.
+_OrderKey = tuple[int, float, int]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Batcher:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        *,
+        max_model_len: int,
+        eos_token_ids: Sequence[int],
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 128,
+    ) -> None:
+        for name, value, low in (("max_model_len", max_model_len, 2),
+                                 ("max_num_batched_tokens", max_num_batched_tokens, 1),
+                                 ("max_num_seqs", max_num_seqs, 1)):
+            if value < low:
+                raise InvalidArgument(f"must be >= {low}, got {value}", field=name)
+        self.block_manager = block_manager
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self._requests: dict[str, Request] = {}  # every live request, waiting or running
+        self._keys: dict[str, _OrderKey] = {}
+        self._waiting: list[tuple[_OrderKey, str]] = []  # sorted; small enough that bisect beats a heap
+        self._running: dict[str, Request] = {}
+        self._on_worker: set[str] = set()  # ids the worker holds state for
+        self._finished_ids: dict[str, None] = {}  # insertion-ordered set for the next plan
+        self._next_seq = 0
+        self._next_step_id = 1  # 0 reads as "unset" on the wire
+
+    # --- queries -----------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_queued_prefill_tokens(self) -> int:
+        return sum(r.num_tokens - r.num_computed_tokens for r in self._requests.values())
+
+    @property
+    def num_running_decode_requests(self) -> int:
+        return sum(1 for r in self._running.values() if r.num_tokens - r.num_computed_tokens <= 1)
+
+    def has_work(self) -> bool:
+        return bool(self._requests or self._finished_ids)
+
+    def get(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    # --- requests in and out -----------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        """Queues a request (new, or moved here from a dead worker with its output so far)."""
+        rid = request.request_id
+        if rid in self._requests:
+            raise InvalidArgument(f"request {rid!r} is already queued on this worker", field="request_id")
+        if not request.prompt_token_ids:
+            raise InvalidArgument("must not be empty", field="prompt_token_ids")
+        if request.max_tokens < 1:
+            raise InvalidArgument(f"must be >= 1, got {request.max_tokens}", field="sampling.max_tokens")
+        if request.num_tokens >= self.max_model_len:
+            raise InvalidArgument(
+                f"{request.num_tokens} tokens leave no room to generate within max_model_len "
+                f"{self.max_model_len}", field="prompt_token_ids")
+        # A request that cannot fit the pool even alone would preempt itself forever.
+        final_tokens = min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
+        num_blocks = _cdiv(final_tokens - 1, self.block_manager.block_size)
+        if num_blocks > self.block_manager.num_blocks_total:
+            raise InvalidArgument(
+                f"prompt + max_tokens needs {num_blocks} KV blocks; the worker has "
+                f"{self.block_manager.num_blocks_total}", field="sampling.max_tokens")
+        request.status = RequestStatus.WAITING
+        request.finish_reason = None
+        request.num_computed_tokens = 0
+        self._requests[rid] = request
+        self._keys[rid] = (-request.priority, request.arrival_s, self._next_seq)
+        self._next_seq += 1
+        bisect.insort(self._waiting, (self._keys[rid], rid))
+
+    def abort(self, request_id: str) -> Request | None:
+        request = self._requests.get(request_id)
+        if request is None:
+            return None
+        self._release(request, FinishReason.ABORT)
+        return request
+
+    def expire(self, now_s: float) -> list[RequestEvent]:
+        expired = [r for r in self._requests.values() if r.deadline_s is not None and now_s >= r.deadline_s]
+        for request in expired:
+            self._release(request, FinishReason.ABORT)
+        return [RequestEvent(r.request_id, (), (), FinishReason.ABORT, DEADLINE_ERROR) for r in expired]
+
+    def take_all(self) -> list[Request]:
+        """The worker died: hands back every live request, ready to be added elsewhere."""
+        requests = sorted(self._requests.values(), key=lambda r: self._keys[r.request_id])
+        for request in requests:
+            request.status = RequestStatus.WAITING
+            request.num_computed_tokens = 0
+        self._requests.clear()
+        self._keys.clear()
+        self._waiting.clear()
+        self._running.clear()
+        self._on_worker.clear()
+        self._finished_ids.clear()  # a restarted worker holds nothing to drop
+        self.block_manager.reset()
+        return requests
+
+    # --- one step ----------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        budget = self.max_num_batched_tokens
+        scheduled: dict[str, ScheduledNew | ScheduledCached] = {}
+        preempted = False
+        # Decodes first: one token each, and a stalled decode stalls a stream the client watches.
+        order = sorted(self._running.values(),
+                       key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, self._keys[r.request_id]))
+        for request in order:
+            if budget <= 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this step
+            rid = request.request_id
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                continue
+            while (added := self.block_manager.allocate_slots(rid, request.num_computed_tokens + num_new)) is None:
+                victim = max(self._running.values(), key=lambda r: self._keys[r.request_id])
+                budget += self._preempt(victim, scheduled)
+                preempted = True
+                if victim is request:
+                    break
+            if added is None:
+                continue
+            scheduled[rid] = ScheduledCached(rid, tuple(added), request.num_computed_tokens, num_new)
+            request.num_computed_tokens += num_new
+            budget -= num_new
+        # After a preemption the pool is known to be short; admitting now would only thrash.
+        if not preempted:
+            budget = self._admit(budget, scheduled)
+        return self._make_plan(scheduled)
+
+    def _admit(self, budget: int, scheduled: dict[str, ScheduledNew | ScheduledCached]) -> int:
+        block_size = self.block_manager.block_size
+        while self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
+            _, rid = self._waiting[0]
+            request = self._requests[rid]
+            # Leave at least the last token uncached so the step yields logits to sample from.
+            hit_ids = self.block_manager.lookup_prefix(request.all_token_ids[: request.num_tokens - 1],
+                                                       request.cache_salt)
+            num_computed = len(hit_ids) * block_size
+            num_new = min(request.num_tokens - num_computed, budget)
+            if self.block_manager.allocate_slots(rid, num_computed + num_new, hit_ids) is None:
+                break  # strict priority order: nobody overtakes the head of the queue
+            del self._waiting[0]
+            if request.num_preemptions == 0 and not request.output_token_ids:
+                request.num_cached_tokens = num_computed
+            request.status = RequestStatus.RUNNING
+            self._running[rid] = request
+            self._on_worker.add(rid)
+            block_ids = tuple(self.block_manager.block_ids(rid))
+            scheduled[rid] = ScheduledNew(request, block_ids, num_computed, num_new)
+            request.num_computed_tokens = num_computed + num_new
+            budget -= num_new
+        return budget
+
+    def _make_plan(self, scheduled: dict[str, ScheduledNew | ScheduledCached]) -> StepPlan:
+        plan = StepPlan(
+            step_id=self._next_step_id,
+            new_requests=tuple(s for s in scheduled.values() if isinstance(s, ScheduledNew)),
+            cached_requests=tuple(s for s in scheduled.values() if isinstance(s, ScheduledCached)),
+            finished_request_ids=tuple(self._finished_ids),
+        )
+        self._next_step_id += 1
+        self._finished_ids.clear()
+        return plan
+
+    def _preempt(self, victim: Request, scheduled: dict[str, ScheduledNew | ScheduledCached]) -> int:
+        """Sends `victim` back to the queue; returns the budget it had taken in this step."""
+        rid = victim.request_id
+        entry = scheduled.pop(rid, None)
+        del self._running[rid]
+        self.block_manager.free(rid)
+        self._forget_on_worker(rid)
+        victim.status = RequestStatus.WAITING
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        bisect.insort(self._waiting, (self._keys[rid], rid))
+        return entry.num_scheduled_tokens if entry is not None else 0
+
+    def update(self, plan: StepPlan, outputs: Sequence[RequestOutput]) -> list[RequestEvent]:
+        by_id = {o.request_id: o for o in outputs}
+        events: list[RequestEvent] = []
+        for entry in (*plan.new_requests, *plan.cached_requests):
+            rid = entry.request.request_id if isinstance(entry, ScheduledNew) else entry.request_id
+            request = self._running.get(rid)
+            if request is None:
+                continue  # aborted, expired or taken while the step was in flight
+            output = by_id.get(rid)
+            if output is not None and output.error:
+                self._release(request, FinishReason.ABORT)
+                events.append(RequestEvent(rid, (), (), FinishReason.ABORT, output.error))
+                continue
+            if entry.num_computed_tokens + entry.num_scheduled_tokens < request.num_tokens:
+                self._publish(request)  # a prompt chunk: no logits were sampled
+                continue
+            if output is None or not output.token_ids:
+                self._release(request, FinishReason.ABORT)
+                events.append(RequestEvent(rid, (), (), FinishReason.ABORT, NO_TOKEN_ERROR))
+                continue
+            events.append(self._append(request, output))
+        return events
+
+    def _append(self, request: Request, output: RequestOutput) -> RequestEvent:
+        reason: FinishReason | None = None
+        num_taken = 0
+        for token_id in output.token_ids:
+            request.output_token_ids.append(token_id)
+            num_taken += 1
+            reason = self._stop_reason(request, token_id)
+            if reason is not None:
+                break  # anything the worker sampled past a stop is not the client's
+        self._publish(request)
+        if reason is not None:
+            self._release(request, reason)
+        return RequestEvent(request.request_id, tuple(output.token_ids[:num_taken]),
+                            tuple(output.logprobs[:num_taken]), reason)
+
+    def _stop_reason(self, request: Request, token_id: int) -> FinishReason | None:
+        if token_id in request.stop_token_ids or (not request.ignore_eos and token_id in self.eos_token_ids):
+            return FinishReason.STOP
+        if len(request.output_token_ids) >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _publish(self, request: Request) -> None:
+        self.block_manager.cache_blocks(request.request_id, request.all_token_ids,
+                                        request.num_computed_tokens, request.cache_salt)
+
+    def _release(self, request: Request, reason: FinishReason) -> None:
+        """Finishes a live request: frees its blocks now, tells the worker in the next plan."""
+        rid = request.request_id
+        if request.status is RequestStatus.WAITING:
+            del self._waiting[bisect.bisect_left(self._waiting, (self._keys[rid], rid))]
+        else:
+            del self._running[rid]
+        del self._requests[rid]
+        del self._keys[rid]
+        self.block_manager.free(rid)
+        self._forget_on_worker(rid)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+
+    def _forget_on_worker(self, request_id: str) -> None:
+        if request_id in self._on_worker:
+            self._on_worker.discard(request_id)
+            self._finished_ids[request_id] = None

@@ -1,0 +1,176 @@
+"""Block manager: the scheduler's exact mirror of one worker's KV pool.
+
+The worker never chooses blocks; every step names them. So the scheduler can answer "how much of
+this prompt is already cached on worker W" exactly, from its own state, with no cache events and no
+approximate radix tree: the router asks `num_cached_prefix_tokens`, the batcher asks
+`lookup_prefix` and `allocate_slots`, and after each step `cache_blocks` publishes the blocks that
+became full and computed.
+
+Lifecycle of a block: free -> used (allocated or hit) -> published (indexed) -> freed by its last
+user, when it stays cached at the free-list tail until allocation reaches it and evicts it. Freeing
+a table puts its last block on the list first, so a prefix is evicted from its tail inwards and its
+head (shared by the most prompts) survives longest.
+
+With `enable_prefix_caching=False` nothing is ever indexed or found; allocation is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from services.scheduler.block_pool import NULL_BLOCK_ID, BlockPool
+from services.scheduler.prefix_index import ROOT_HASH, PrefixIndex
+from shared.errors import InvalidArgument
+
+
+@dataclass(slots=True)
+class _Table:
+    block_ids: list[int]
+    # How many leading blocks cache_blocks has already handled, and the chain hash after them,
+    # so each call hashes only the blocks that are new since the last one.
+    num_published_blocks: int = 0
+    parent_hash: bytes = ROOT_HASH
+
+
+class BlockManager:
+    """Block tables of the live requests on one worker, over a BlockPool and a PrefixIndex."""
+
+    def __init__(self, num_blocks: int, block_size: int, model_version: str,
+                 enable_prefix_caching: bool = True) -> None:
+        if block_size < 1:
+            raise InvalidArgument(f"must be >= 1, got {block_size}", field="block_size")
+        self.block_size = block_size
+        self.model_version = model_version
+        self.enable_prefix_caching = enable_prefix_caching
+        self._index = PrefixIndex(block_size, model_version)
+        self._pool = BlockPool(num_blocks, on_evict=self._index.remove)
+        self._tables: dict[str, _Table] = {}
+
+    # --- counts ---------------------------------------------------------------------------------
+
+    @property
+    def num_blocks_total(self) -> int:
+        return self._pool.num_usable
+
+    @property
+    def num_blocks_used(self) -> int:
+        return self._pool.num_used
+
+    @property
+    def num_blocks_cached(self) -> int:
+        return self._pool.num_cached
+
+    @property
+    def num_blocks_free(self) -> int:
+        return self._pool.num_free
+
+    # --- prefix lookups (read-only) -------------------------------------------------------------
+
+    def num_cached_prefix_tokens(self, token_ids: Sequence[int], cache_salt: str) -> int:
+        """Tokens of the longest cached full-block prefix; exact, takes no refs (the router's overlap)."""
+        return len(self.lookup_prefix(token_ids, cache_salt)) * self.block_size
+
+    def lookup_prefix(self, token_ids: Sequence[int], cache_salt: str) -> list[int]:
+        """Block ids of the longest cached full-block prefix; no refs taken, LRU order untouched."""
+        if not self.enable_prefix_caching:
+            return []
+        return self._index.match(token_ids, cache_salt)
+
+    # --- allocation -----------------------------------------------------------------------------
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return self._pool.num_allocatable >= num_blocks
+
+    def allocate_slots(self, request_id: str, num_tokens: int,
+                       prefix_block_ids: Sequence[int] = ()) -> list[int] | None:
+        """Makes `request_id` own blocks for its first `num_tokens` tokens; returns the ids added, or None.
+
+        `prefix_block_ids` only count on the request's first call (later calls extend the table).
+        None means not enough blocks, and then nothing at all has changed.
+        """
+        if num_tokens < 0:
+            raise InvalidArgument(f"must be >= 0, got {num_tokens}", field="num_tokens")
+        table = self._tables.get(request_id)
+        prefix = list(prefix_block_ids) if table is None else []
+        self._check_prefix(prefix)
+        num_owned = len(prefix) + (len(table.block_ids) if table is not None else 0)
+        num_new = max(0, -(-num_tokens // self.block_size) - num_owned)
+        # A hit on an unreferenced cached block takes it off the free list, so it competes with the
+        # fresh blocks for the same allocatable supply.
+        num_revived = sum(1 for block_id in prefix if self._pool.ref_count(block_id) == 0)
+        if num_new + num_revived > self._pool.num_allocatable:
+            return None
+        # Ref the prefix before allocating so eviction cannot take the very blocks being reused.
+        for block_id in prefix:
+            self._pool.ref(block_id)
+        added = prefix + self._pool.allocate(num_new)
+        if table is None:
+            table = self._tables[request_id] = _Table([])
+            self._skip_published_prefix(table, prefix)
+        table.block_ids.extend(added)
+        return added
+
+    def block_ids(self, request_id: str) -> list[int]:
+        table = self._tables.get(request_id)
+        return list(table.block_ids) if table is not None else []
+
+    # --- publishing -----------------------------------------------------------------------------
+
+    def cache_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int,
+                     cache_salt: str) -> None:
+        """Indexes the request's full blocks within its first `num_computed_tokens` (idempotent).
+
+        If another block already holds an equal prefix, that mapping stays and this block stays
+        unindexed: it is freed as plain free space and never displaces a block others may share.
+        """
+        table = self._tables.get(request_id)
+        if table is None or not self.enable_prefix_caching:
+            return
+        size = self.block_size
+        num_full = min(num_computed_tokens, len(token_ids)) // size
+        num_full = min(num_full, len(table.block_ids))
+        for i in range(table.num_published_blocks, num_full):
+            block_tokens = tuple(token_ids[i * size:(i + 1) * size])
+            block_hash = self._index.hash_of(table.parent_hash, block_tokens, cache_salt)
+            block_id = table.block_ids[i]
+            if self._pool.block_hash(block_id) is None and self._index.insert(
+                    block_hash, block_id, block_tokens, cache_salt):
+                self._pool.set_hash(block_id, block_hash, block_tokens)
+            table.parent_hash = block_hash
+            table.num_published_blocks = i + 1
+
+    # --- release --------------------------------------------------------------------------------
+
+    def free(self, request_id: str) -> None:
+        """Drops the request's refs, last block first, so a prefix's tail is evicted before its head."""
+        table = self._tables.pop(request_id, None)
+        if table is None:
+            return
+        for block_id in reversed(table.block_ids):
+            self._pool.free(block_id)
+
+    def reset(self) -> None:
+        """Forgets every table, ref and index entry: the worker restarted with an empty KV pool."""
+        self._tables.clear()
+        self._index.clear()
+        self._pool.reset()
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _check_prefix(self, prefix: list[int]) -> None:
+        if len(set(prefix)) != len(prefix):
+            raise InvalidArgument(f"duplicate block ids in {prefix}", field="prefix_block_ids")
+        for block_id in prefix:
+            if not NULL_BLOCK_ID < block_id < self._pool.num_blocks:
+                raise InvalidArgument(f"{block_id} is not a usable block id", field="prefix_block_ids")
+
+    def _skip_published_prefix(self, table: _Table, prefix: list[int]) -> None:
+        # Prefix hits are already indexed under this very chain; starting cache_blocks after them
+        # saves re-hashing the shared part of every prompt. Stop at the first unpublished block.
+        for block_id in prefix:
+            block_hash = self._pool.block_hash(block_id)
+            if block_hash is None:
+                return
+            table.parent_hash = block_hash
+            table.num_published_blocks += 1

@@ -1,0 +1,74 @@
+"""The values that cross the Batcher's boundary: a step's plan, the worker's outputs, stream events.
+
+They live apart from the Batcher so that `wire.py` (the only protobuf code) and the tests can
+depend on plain frozen values without the scheduling logic; `batcher.py` re-exports them, which
+is where the interface spec names them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.scheduler.request import FinishReason, Request, TokenLogprob
+
+
+@dataclass(frozen=True)
+class ScheduledNew:
+    """A request sent in full: first placement, or again after preemption or a move from a dead worker.
+
+    `request` is the live object; read the counts from this record, not from the request, which
+    already reflects the step as planned.
+    """
+
+    request: Request
+    block_ids: tuple[int, ...]  # the whole block table, cached prefix blocks first
+    num_computed_tokens: int  # tokens whose K/V is already in those blocks (prefix cache hits)
+    num_scheduled_tokens: int
+
+
+@dataclass(frozen=True)
+class ScheduledCached:
+    """A request the worker already holds: deltas only."""
+
+    request_id: str
+    new_block_ids: tuple[int, ...]  # appended to the worker's block table
+    num_computed_tokens: int  # before this step; the worker checks it against its own count
+    num_scheduled_tokens: int
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    step_id: int
+    new_requests: tuple[ScheduledNew, ...]
+    cached_requests: tuple[ScheduledCached, ...]
+    finished_request_ids: tuple[str, ...]  # the worker drops these (finished, aborted, preempted) BEFORE running
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return (sum(s.num_scheduled_tokens for s in self.new_requests)
+                + sum(s.num_scheduled_tokens for s in self.cached_requests))
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.new_requests or self.cached_requests or self.finished_request_ids)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What the worker returned for one request in one step."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token when the request asked for logprobs
+    error: str = ""  # set when the worker could not sample this request; the request is aborted
+
+
+@dataclass(frozen=True)
+class RequestEvent:
+    """What the request's stream receives after a step (or an abort)."""
+
+    request_id: str
+    token_ids: tuple[int, ...]  # new tokens only
+    logprobs: tuple[TokenLogprob, ...]
+    finish_reason: FinishReason | None  # None while the request goes on
+    error: str = ""
