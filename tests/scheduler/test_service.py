@@ -28,8 +28,9 @@ BLOCK_SIZE = 16
 class Stack:
     """Two workers and a scheduler, each a real grpc.aio server on 127.0.0.1."""
 
-    def __init__(self, model_dir, num_blocks: int = 512, max_num_batched_tokens: int = 256) -> None:
+    def __init__(self, model_dir, num_blocks: int = 512, max_num_batched_tokens: int = 256, **fleet_kw) -> None:
         self.model_dir = model_dir
+        self.fleet_kw = fleet_kw
         self.num_blocks = num_blocks
         self.max_num_batched_tokens = max_num_batched_tokens
         self.workers: list[GrpcServer] = []
@@ -45,7 +46,7 @@ class Stack:
         self.addresses = [f"127.0.0.1:{w.bound_port}" for w in self.workers]
         pool = PoolConfig("default", "v1", 1.0, tuple(self.addresses))
         self.fleet = Fleet(FleetConfig(pools=(pool,), max_num_batched_tokens=self.max_num_batched_tokens,
-                                       probe_interval_s=0.2, router_seed=0))
+                                       probe_interval_s=0.2, router_seed=0, **self.fleet_kw))
         await self.fleet.start(wait_s=30)
         servicer = SchedulerServicer(self.fleet)
         self.scheduler = GrpcServer(service_name="scheduler", register=servicer.register,
@@ -223,3 +224,17 @@ async def test_deadline_aborts_and_frees_blocks(tiny_model_dir) -> None:
         steps_after = {a: l.num_steps for a, l in stack.fleet.loops.items()}
         await asyncio.sleep(0.3)
         assert {a: l.num_steps for a, l in stack.fleet.loops.items()} == steps_after  # nothing scheduled for it
+
+
+async def test_full_waiting_queue_is_resource_exhausted_with_retry_hint(tiny_model_dir) -> None:
+    async with Stack(tiny_model_dir, max_num_seqs=1, max_waiting_requests=2) as stack:
+        async def run(i):
+            return await collect(stack.stub, greedy_request(f"q{i}", [9 + i] * 10, 30))
+
+        results = await asyncio.gather(*(run(i) for i in range(10)), return_exceptions=True)
+        refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+        served = [r for r in results if not isinstance(r, BaseException)]
+        assert refused and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+        assert all(dict(r.trailing_metadata()).get("retry-after-ms") for r in refused)
+        assert len(served) >= 4 and all(len(tokens) == 30 for tokens, _, _ in served)
+        assert await blocks_in_use(stack.stub) == 0
