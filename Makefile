@@ -7,7 +7,7 @@ PRESET ?= tiny
 PROTO_OUT := shared/proto
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: setup protos model test test-all bench up down run clean
+.PHONY: setup protos model test test-all bench up down run status clean
 
 # Creates .venv with every dependency pinned in requirements.txt, then generates the stubs.
 setup: $(VENV)/.installed protos
@@ -37,6 +37,23 @@ model: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest -q
+
+# Starts workers, scheduler and tokenizer in the background (logs and pids in .run/) and returns once
+# every one reports SERVING. SWITCHYARD_MODEL, SWITCHYARD_WORKERS and SWITCHYARD_*_PORT override.
+up: setup
+	$(PY) -m deploy.stack up
+
+# Stops the stack (SIGTERM, then SIGKILL after a grace); does nothing when none runs.
+down:
+	$(PY) -m deploy.stack down
+
+# Which stack processes are alive, and their health.
+status:
+	$(PY) -m deploy.stack status
+
+# `up`, then one streamed completion (make run PROMPT='your prompt').
+run: up
+	$(PY) -m deploy.demo $(if $(PROMPT),'$(PROMPT)')
 
 clean:
 	rm -rf $(PROTO_OUT) .pytest_cache

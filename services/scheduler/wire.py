@@ -58,14 +58,15 @@ def _logprob_to_api(lp: TokenLogprob) -> api_pb.TokenLogprob:
 
 
 def event_to_pb(event: RequestEvent, request: Request) -> pb.TokenEvent:
-    finished = event.finish_reason is not None
     return pb.TokenEvent(
         request_id=event.request_id,
         token_ids=event.token_ids,
         logprobs=[_logprob_to_api(lp) for lp in event.logprobs],
         finish_reason=_FINISH_TO_PB[event.finish_reason],
-        num_prompt_tokens=request.num_prompt_tokens if finished else 0,
-        num_cached_tokens=request.num_cached_tokens if finished else 0,
+        # Sent on every event, not only the last: a front door that stops early (stop string) still
+        # reports cached tokens in its usage.
+        num_prompt_tokens=request.num_prompt_tokens,
+        num_cached_tokens=request.num_cached_tokens,
         num_output_tokens=len(request.output_token_ids),
     )
 

@@ -10,58 +10,9 @@ import grpc
 import pytest
 from switchyard.api.v1 import generation_pb2 as api_pb
 from switchyard.scheduler.v1 import scheduler_pb2 as pb
-from switchyard.scheduler.v1 import scheduler_pb2_grpc
 
-from services.scheduler.fleet import Fleet, FleetConfig
-from services.scheduler.router import PoolConfig
-from services.scheduler.servicer import SchedulerServicer
-from services.worker.executor import Executor
-from services.worker.model_runner import ModelRunner
-from services.worker.servicer import WorkerServicer
-from shared.channel import insecure_channel
-from shared.server import GrpcServer
+from tests.inprocess import BLOCK_SIZE, Stack
 from tests.reference import assert_greedy_matches, hf_greedy
-
-BLOCK_SIZE = 16
-
-
-class Stack:
-    """Two workers and a scheduler, each a real grpc.aio server on 127.0.0.1."""
-
-    def __init__(self, model_dir, num_blocks: int = 512, max_num_batched_tokens: int = 256, **fleet_kw) -> None:
-        self.model_dir = model_dir
-        self.fleet_kw = fleet_kw
-        self.num_blocks = num_blocks
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.workers: list[GrpcServer] = []
-
-    async def __aenter__(self) -> "Stack":
-        for _ in range(2):
-            runner = ModelRunner(self.model_dir, num_blocks=self.num_blocks, block_size=BLOCK_SIZE)
-            servicer = WorkerServicer(Executor(runner), version="v1")
-            server = GrpcServer(service_name="worker", register=servicer.register, address="127.0.0.1:0",
-                                grace_s=0.5, on_drain=servicer.drain)
-            await server.start()
-            self.workers.append(server)
-        self.addresses = [f"127.0.0.1:{w.bound_port}" for w in self.workers]
-        pool = PoolConfig("default", "v1", 1.0, tuple(self.addresses))
-        self.fleet = Fleet(FleetConfig(pools=(pool,), max_num_batched_tokens=self.max_num_batched_tokens,
-                                       probe_interval_s=0.2, router_seed=0, **self.fleet_kw))
-        await self.fleet.start(wait_s=30)
-        servicer = SchedulerServicer(self.fleet)
-        self.scheduler = GrpcServer(service_name="scheduler", register=servicer.register,
-                                    address="127.0.0.1:0", grace_s=0.5, on_drain=servicer.drain)
-        await self.scheduler.start()
-        self.channel = insecure_channel(f"127.0.0.1:{self.scheduler.bound_port}")
-        self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.channel.close()
-        await self.scheduler.shutdown()
-        await self.fleet.stop()
-        for w in self.workers:
-            await w.shutdown()
 
 
 def greedy_request(request_id: str, prompt: list[int], max_tokens: int, **kw) -> pb.GenerateRequest:

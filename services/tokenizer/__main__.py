@@ -1,0 +1,61 @@
+"""`python -m services.tokenizer`: the front door, gRPC and OpenAI-compatible HTTP in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from services.tokenizer.codec import Codec
+from services.tokenizer.config import TokenizerConfig, parse_config
+from services.tokenizer.frontend import Frontend
+from services.tokenizer.http_api import create_app, serve_http
+from services.tokenizer.scheduler_client import SchedulerClient
+from services.tokenizer.servicer import GenerationServicer
+from shared.config import ConfigError
+from shared.server import serve
+from shared.telemetry import setup_telemetry, start_metrics_server
+
+logger = logging.getLogger("switchyard.tokenizer")
+
+
+async def run(config: TokenizerConfig) -> None:
+    telemetry = setup_telemetry("switchyard-tokenizer")
+    codec = Codec(config.model_dir)
+    scheduler = SchedulerClient(config.scheduler_address)
+    frontend = Frontend(codec, scheduler, model_name=config.model_name or Path(config.model_dir).name)
+    servicer = GenerationServicer(frontend, version=config.version, max_request_bytes=config.max_request_bytes)
+    app = create_app(frontend, max_request_bytes=config.max_request_bytes) if config.http_port else None
+    http = await serve_http(app, config.http_host, config.http_port, grace_s=config.grace_s) if app is not None else None
+    if http is not None:
+        logger.info("OpenAI-compatible HTTP on http://%s:%d/v1", config.http_host, http.port)
+    start_metrics_server(config.metrics_port)
+
+    async def drain() -> None:
+        servicer.draining = True
+        if http is not None:
+            await http.stop()
+
+    try:
+        await serve(service_name="tokenizer", register=servicer.register, address=config.address,
+                    grace_s=config.grace_s, on_drain=drain, telemetry=telemetry)
+    finally:
+        if http is not None:
+            await http.stop()
+        await scheduler.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = parse_config(argv)
+        asyncio.run(run(config))
+    except (ConfigError, FileNotFoundError) as e:
+        logger.error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Plain dataclasses at the front door's boundaries, shared by the gRPC and HTTP APIs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingInput:
+    """The public SamplingParams; None means unset (OpenAI defaults apply downstream)."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool | None = None
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    request_id: str = ""
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+    sampling: SamplingInput = field(default_factory=SamplingInput)
+    session_id: str = ""
+    cache_salt: str = ""
+    priority: int = 0
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    logprob: float
+    top_token_ids: tuple[int, ...]
+    top_logprobs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerateChunk:
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...]
+    finish_reason: str | None  # None until the last chunk; then "stop", "length" or "abort"
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class SchedulerEvent:
+    """One token event from the scheduler, as the front door sees it."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...]
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int

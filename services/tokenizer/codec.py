@@ -1,0 +1,37 @@
+"""The model's tokenizer and chat template, loaded from the model directory (never a hub).
+
+Chat messages are rendered to text with the template and then encoded like any prompt, so BOS
+is added exactly once (the template itself carries no BOS).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+
+class Codec:
+    def __init__(self, model_dir: str | Path) -> None:
+        self.model_dir = Path(model_dir)
+        config_path = self.model_dir / "config.json"
+        if not config_path.exists():
+            raise FileNotFoundError(f"model: {self.model_dir} has no config.json (run `make model`?)")
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+        config = json.loads(config_path.read_text())
+        self.max_model_len = int(config.get("max_position_embeddings", 2048))
+        self.vocab_size = int(config.get("vocab_size", len(self.tokenizer)))
+        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
+        """Renders (role, content) turns with the model's template, ending with the assistant cue."""
+        turns = [{"role": role, "content": content} for role, content in messages]
+        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -1,0 +1,54 @@
+"""A thin gRPC shell for `switchyard.api.v1.Generation` over the Frontend."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import grpc
+from switchyard.api.v1 import generation_pb2 as pb
+from switchyard.api.v1 import generation_pb2_grpc
+
+from services.tokenizer import wire
+from services.tokenizer.api_types import ChatMessage
+from services.tokenizer.frontend import Frontend
+from shared.errors import InvalidArgument, Unavailable
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, frontend: Frontend, *, version: str = "", max_request_bytes: int = 1 << 20) -> None:
+        self._frontend = frontend
+        self._version = version
+        self._max_request_bytes = max_request_bytes
+        self._num_live = 0
+        self.draining = False
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        generation_pb2_grpc.add_GenerationServicer_to_server(self, server)
+        return [pb.DESCRIPTOR.services_by_name["Generation"].full_name]
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        if self.draining:
+            raise Unavailable("front door is draining")
+        size = request.ByteSize()
+        if size > self._max_request_bytes:
+            raise InvalidArgument(f"request is {size} bytes, over the {self._max_request_bytes}-byte cap", field="request")
+        inp = wire.generate_input_from_pb(request, context.time_remaining())
+        async with aclosing(self._frontend.generate(inp)) as chunks:
+            async for chunk in chunks:
+                yield wire.chunk_to_pb(chunk)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        which = request.WhichOneof("input")
+        if which is None:
+            raise InvalidArgument("give prompt or messages", field="prompt")
+        messages = None
+        if which == "messages":
+            messages = [ChatMessage(m.role, m.content) for m in request.messages.messages]
+        ids = self._frontend.tokenize(request.prompt if which == "prompt" else None, messages,
+                                      add_special_tokens=request.add_special_tokens)
+        return pb.TokenizeResponse(token_ids=ids, num_tokens=len(ids))
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return pb.ModelInfo(model=self._frontend.model_name, max_model_len=self._frontend.max_model_len,
+                            vocab_size=self._frontend.vocab_size, version=self._version)

@@ -1,0 +1,79 @@
+"""Checks a generation request before any work is done; every refusal names the field.
+
+The same rules apply to the gRPC and the HTTP API (both build a `GenerateInput`), so a client
+gets the same message whichever door it used.
+"""
+
+from __future__ import annotations
+
+import math
+
+from services.tokenizer.api_types import GenerateInput, SamplingInput
+from shared.errors import InvalidArgument
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_NUM_LOGPROBS = 20
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise InvalidArgument(message, field=field)
+
+
+def _finite_or_none(value: float | None) -> bool:
+    return value is None or math.isfinite(value)
+
+
+def validate_sampling(s: SamplingInput) -> None:
+    _require(s.max_tokens is None or s.max_tokens >= 1, "sampling.max_tokens", f"must be >= 1, got {s.max_tokens}")
+    _require(_finite_or_none(s.temperature) and (s.temperature is None or s.temperature >= 0),
+             "sampling.temperature", f"must be >= 0, got {s.temperature}")
+    _require(_finite_or_none(s.top_p) and (s.top_p is None or 0 < s.top_p <= 1),
+             "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+    _require(s.top_k is None or s.top_k >= 0, "sampling.top_k", f"must be >= 0 (0 disables), got {s.top_k}")
+    _require(_finite_or_none(s.min_p) and (s.min_p is None or 0 <= s.min_p <= 1),
+             "sampling.min_p", f"must be in [0, 1], got {s.min_p}")
+    _require(_finite_or_none(s.repetition_penalty) and (s.repetition_penalty is None or s.repetition_penalty > 0),
+             "sampling.repetition_penalty", f"must be > 0, got {s.repetition_penalty}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(s, name)
+        _require(_finite_or_none(value) and (value is None or -2 <= value <= 2),
+                 f"sampling.{name}", f"must be in [-2, 2], got {value}")
+    _require(s.logprobs is None or 0 <= s.logprobs <= MAX_NUM_LOGPROBS,
+             "sampling.logprobs", f"must be in [0, {MAX_NUM_LOGPROBS}], got {s.logprobs}")
+    _require(len(s.stop) <= MAX_STOP_STRINGS, "sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings")
+    for stop in s.stop:
+        _require(0 < len(stop) <= MAX_STOP_STRING_CHARS, "sampling.stop",
+                 f"stop strings must have 1 to {MAX_STOP_STRING_CHARS} characters, got {len(stop)}")
+
+
+def validate_input(inp: GenerateInput, vocab_size: int, has_chat_template: bool) -> None:
+    """Field checks that need no tokenization."""
+    given = [name for name in ("prompt", "messages", "prompt_token_ids") if getattr(inp, name) is not None]
+    _require(len(given) == 1, "prompt",
+             f"give exactly one of prompt, messages or prompt_token_ids (got {', '.join(given) or 'none'})")
+    if inp.prompt is not None:
+        _require(inp.prompt != "", "prompt", "must not be empty")
+    if inp.messages is not None:
+        _require(len(inp.messages) > 0, "messages", "must not be empty")
+        _require(has_chat_template, "messages", "the model has no chat template; send a prompt instead")
+        for i, message in enumerate(inp.messages):
+            _require(message.role in CHAT_ROLES, f"messages[{i}].role",
+                     f"must be one of {', '.join(CHAT_ROLES)}, got {message.role!r}")
+    if inp.prompt_token_ids is not None:
+        _require(len(inp.prompt_token_ids) > 0, "prompt_token_ids", "must not be empty")
+        bad = [t for t in inp.prompt_token_ids if not 0 <= t < vocab_size]
+        _require(not bad, "prompt_token_ids", f"ids must be in [0, {vocab_size}), got {bad[:5]}")
+    bad_stop_ids = [t for t in inp.sampling.stop_token_ids if not 0 <= t < vocab_size]
+    _require(not bad_stop_ids, "sampling.stop_token_ids", f"ids must be in [0, {vocab_size}), got {bad_stop_ids[:5]}")
+    _require(inp.timeout_s is None or inp.timeout_s > 0, "deadline", "already passed")
+    validate_sampling(inp.sampling)
+
+
+def validate_length(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    total = num_prompt_tokens + max_tokens
+    _require(total <= max_model_len, "sampling.max_tokens",
+             f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds the model's "
+             f"maximum length of {max_model_len} tokens")

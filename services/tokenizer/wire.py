@@ -1,0 +1,79 @@
+"""The only front-door module that touches protobuf: the public API on one side, the scheduler's
+stream on the other."""
+
+from __future__ import annotations
+
+from switchyard.api.v1 import generation_pb2 as api_pb
+from switchyard.scheduler.v1 import scheduler_pb2 as sched_pb
+
+from services.tokenizer.api_types import (
+    ChatMessage, GenerateChunk, GenerateInput, SamplingInput, SchedulerEvent, TokenLogprob,
+)
+
+_FINISH_FROM_PB = {
+    api_pb.FINISH_REASON_UNSPECIFIED: None,
+    api_pb.FINISH_REASON_STOP: "stop",
+    api_pb.FINISH_REASON_LENGTH: "length",
+    api_pb.FINISH_REASON_ABORT: "abort",
+}
+_FINISH_TO_PB = {v: k for k, v in _FINISH_FROM_PB.items()}
+_SCALARS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+            "frequency_penalty", "seed", "ignore_eos", "logprobs")
+
+
+def sampling_from_pb(s: api_pb.SamplingParams) -> SamplingInput:
+    scalars = {name: getattr(s, name) if s.HasField(name) else None for name in _SCALARS}
+    return SamplingInput(**scalars, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids))
+
+
+def sampling_to_pb(s: SamplingInput) -> api_pb.SamplingParams:
+    scalars = {name: getattr(s, name) for name in _SCALARS if getattr(s, name) is not None}
+    return api_pb.SamplingParams(**scalars, stop=s.stop, stop_token_ids=s.stop_token_ids)
+
+
+def generate_input_from_pb(msg: api_pb.GenerateRequest, timeout_s: float | None) -> GenerateInput:
+    which = msg.WhichOneof("input")
+    return GenerateInput(
+        request_id=msg.request_id,
+        prompt=msg.prompt if which == "prompt" else None,
+        messages=tuple(ChatMessage(m.role, m.content) for m in msg.messages.messages) if which == "messages" else None,
+        prompt_token_ids=tuple(msg.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
+        sampling=sampling_from_pb(msg.sampling),
+        session_id=msg.session_id,
+        cache_salt=msg.cache_salt,
+        priority=msg.priority,
+        timeout_s=timeout_s,
+    )
+
+
+def chunk_to_pb(chunk: GenerateChunk) -> api_pb.GenerateResponse:
+    response = api_pb.GenerateResponse(
+        request_id=chunk.request_id, text=chunk.text, token_ids=chunk.token_ids,
+        logprobs=[api_pb.TokenLogprob(logprob=lp.logprob, top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
+                  for lp in chunk.logprobs],
+        finish_reason=_FINISH_TO_PB[chunk.finish_reason],
+    )
+    if chunk.usage is not None:
+        response.usage.CopyFrom(api_pb.Usage(prompt_tokens=chunk.usage.prompt_tokens,
+                                             completion_tokens=chunk.usage.completion_tokens,
+                                             cached_tokens=chunk.usage.cached_tokens))
+    return response
+
+
+def scheduler_request_to_pb(request_id: str, prompt_token_ids: list[int], inp: GenerateInput) -> sched_pb.GenerateRequest:
+    sampling = sampling_to_pb(inp.sampling)
+    del sampling.stop[:]  # stop strings are the front door's; the scheduler never sees text
+    return sched_pb.GenerateRequest(
+        request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling,
+        session_id=inp.session_id, cache_salt=inp.cache_salt, priority=inp.priority,
+    )
+
+
+def scheduler_event_from_pb(msg: sched_pb.TokenEvent) -> SchedulerEvent:
+    return SchedulerEvent(
+        token_ids=tuple(msg.token_ids),
+        logprobs=tuple(TokenLogprob(lp.logprob, tuple(lp.top_token_ids), tuple(lp.top_logprobs)) for lp in msg.logprobs),
+        finish_reason=_FINISH_FROM_PB[msg.finish_reason],
+        num_prompt_tokens=msg.num_prompt_tokens,
+        num_cached_tokens=msg.num_cached_tokens,
+    )
