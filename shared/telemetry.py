@@ -115,6 +115,13 @@ def current_trace_id() -> str | None:
     return trace.format_trace_id(context.trace_id) if context.is_valid else None
 
 
+# Histogram buckets (seconds) shared by every service, so panels of one kind line up across
+# services. CPU serving spans a 1 ms decode step to a minute-long request; the steps are dense
+# below 1 s, where TTFT and inter-token latency live.
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
+                     1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0)
+
+
 def start_metrics_server(port: int | None, host: str = "127.0.0.1") -> int | None:
     """Serves Prometheus /metrics from a daemon thread; port 0 or None disables it.
 

@@ -175,7 +175,7 @@ class Batcher:
     def schedule(self) -> StepPlan:
         budget = self.max_num_batched_tokens
         scheduled: dict[str, ScheduledNew | ScheduledCached] = {}
-        preempted = False
+        num_preemptions = 0
         # Decodes first: one token each, and a stalled decode stalls a stream the client watches.
         order = sorted(self._running.values(),
                        key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, self._keys[r.request_id]))
@@ -191,7 +191,7 @@ class Batcher:
             while (added := self.block_manager.allocate_slots(rid, request.num_computed_tokens + num_new)) is None:
                 victim = max(self._running.values(), key=lambda r: self._keys[r.request_id])
                 budget += self._preempt(victim, scheduled)
-                preempted = True
+                num_preemptions += 1
                 if victim is request:
                     break
             if added is None:
@@ -200,9 +200,9 @@ class Batcher:
             request.num_computed_tokens += num_new
             budget -= num_new
         # After a preemption the pool is known to be short; admitting now would only thrash.
-        if not preempted:
+        if not num_preemptions:
             budget = self._admit(budget, scheduled)
-        return self._make_plan(scheduled)
+        return self._make_plan(scheduled, num_preemptions)
 
     def _admit(self, budget: int, scheduled: dict[str, ScheduledNew | ScheduledCached]) -> int:
         block_size = self.block_manager.block_size
@@ -228,12 +228,13 @@ class Batcher:
             budget -= num_new
         return budget
 
-    def _make_plan(self, scheduled: dict[str, ScheduledNew | ScheduledCached]) -> StepPlan:
+    def _make_plan(self, scheduled: dict[str, ScheduledNew | ScheduledCached], num_preemptions: int) -> StepPlan:
         plan = StepPlan(
             step_id=self._next_step_id,
             new_requests=tuple(s for s in scheduled.values() if isinstance(s, ScheduledNew)),
             cached_requests=tuple(s for s in scheduled.values() if isinstance(s, ScheduledCached)),
             finished_request_ids=tuple(self._finished_ids),
+            num_preemptions=num_preemptions,
         )
         self._next_step_id += 1
         self._finished_ids.clear()

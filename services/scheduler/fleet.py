@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from services.scheduler import metrics
 from services.scheduler.admission import ModelLimits, Submission, build_request
 from services.scheduler.batcher import RequestEvent
 from services.scheduler.request import FinishReason, Request
@@ -46,6 +47,7 @@ class LiveRequest:
     events: asyncio.Queue[RequestEvent] = field(default_factory=asyncio.Queue)
     queued_at_s: float = 0.0
     first_token_at_s: float | None = None
+    last_token_at_s: float | None = None  # of the latest delivery with tokens (inter-token latency)
 
 
 class Fleet:
@@ -67,6 +69,7 @@ class Fleet:
                     max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
                     step_timeout_s=config.step_timeout_s, probe_interval_s=config.probe_interval_s, clock=clock,
                 )
+        metrics.observe_fleet(self)
 
     async def start(self, wait_s: float = 0.0) -> None:
         """Starts every loop; waits up to `wait_s` for all workers to answer (missing ones join later)."""
@@ -107,7 +110,7 @@ class Fleet:
     def num_waiting(self) -> int:
         return sum(loop.batcher.num_waiting for loop in self.loops.values() if loop.batcher is not None)
 
-    def submit(self, sub: Submission) -> LiveRequest:
+    def submit(self, sub: Submission, trace_context: str = "") -> LiveRequest:
         if sub.request_id in self.live:
             raise InvalidArgument(f"request {sub.request_id!r} is already running", field="request_id")
         if self.num_waiting() >= self.config.max_waiting_requests:
@@ -116,7 +119,9 @@ class Fleet:
         pool, sticky = self.router.choose_pool(sub.session_id, lambda name: any(l.up for l in self._pool_loops(name)))
         now = self._clock()
         request = build_request(sub, self._limits(pool), now)
+        request.trace_context = trace_context
         decision = self.router.choose_worker(pool, request.num_prompt_tokens, self._loads(pool, request), sticky=sticky)
+        metrics.observe_routed(decision)
         live = LiveRequest(request, self.loops[decision.worker], decision, queued_at_s=now)
         self.live[request.request_id] = live
         self._idle.clear()
@@ -154,6 +159,7 @@ class Fleet:
                 continue  # aborted while its step was in flight
             if event.token_ids and live.first_token_at_s is None:
                 live.first_token_at_s = now
+            metrics.observe_delivery(live, event, now)
             live.events.put_nowait(event)
 
     def _on_worker_down(self, dead: WorkerLoop, requests: Sequence[Request]) -> None:
@@ -169,6 +175,7 @@ class Fleet:
                 continue
             decision = self.router.choose_worker(dead.pool, request.num_prompt_tokens, self._loads(dead.pool, request))
             live.worker, live.decision = self.loops[decision.worker], decision
+            metrics.observe_migrated(decision)
             live.worker.submit(request)
             logger.info("request %s moved from %s to %s after %d tokens", request.request_id, dead.address,
                         decision.worker, len(request.output_token_ids))

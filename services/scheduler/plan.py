@@ -42,6 +42,7 @@ class StepPlan:
     new_requests: tuple[ScheduledNew, ...]
     cached_requests: tuple[ScheduledCached, ...]
     finished_request_ids: tuple[str, ...]  # the worker drops these (finished, aborted, preempted) BEFORE running
+    num_preemptions: int = 0  # running requests sent back to the queue while this plan was built
 
     @property
     def num_scheduled_tokens(self) -> int:

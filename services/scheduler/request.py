@@ -60,6 +60,7 @@ class Request:
     deadline_s: float | None = None  # absolute, same clock as the `now_s` given to Batcher.expire
     session_id: str = ""
     cache_salt: str = ""
+    trace_context: str = ""  # W3C traceparent of the request's scheduler span; workers link step spans to it
     # Mutable state, owned by the Batcher that holds the request.
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V the worker has (or is writing in the step in flight)
@@ -67,6 +68,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    first_scheduled_s: float | None = None  # set by the worker loop when a step first includes it
 
     @property
     def all_token_ids(self) -> list[int]:

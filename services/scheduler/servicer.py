@@ -9,8 +9,9 @@ import grpc
 from switchyard.scheduler.v1 import scheduler_pb2 as pb
 from switchyard.scheduler.v1 import scheduler_pb2_grpc
 
-from services.scheduler import wire
+from services.scheduler import metrics, wire
 from services.scheduler.fleet import Fleet
+from services.scheduler.tracing import end_request_span, start_request_span
 from shared.errors import DeadlineExceeded, SwitchyardError, Unavailable
 
 
@@ -28,21 +29,33 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             raise Unavailable("scheduler is draining")
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
-        live = self._fleet.submit(wire.submission_from_pb(request, context.time_remaining()))
-        finished = False
+        span, traceparent = start_request_span(request.request_id)
+        live = None
+        finish_reason, error = "abort", "cancelled"
         try:
+            live = self._fleet.submit(wire.submission_from_pb(request, context.time_remaining()), traceparent)
+            finished = False
             while not finished:
                 event = await live.events.get()
                 finished = event.finish_reason is not None
                 if event.error:
+                    error = event.error
                     raise _error_for(event.error)
+                if finished:
+                    finish_reason, error = event.finish_reason.name.lower(), ""
                 yield wire.event_to_pb(event, live.request)
+        except SwitchyardError as e:
+            error = str(e)
+            raise
         finally:
             # Reached on normal end, on error, and when the client goes away (cancellation).
-            if finished:
-                self._fleet.finish(live.request.request_id)
-            else:
-                self._fleet.abort(live.request.request_id)
+            if live is not None:
+                if error:
+                    self._fleet.abort(live.request.request_id)
+                else:
+                    self._fleet.finish(live.request.request_id)
+            end_request_span(span, live, finish_reason, error)
+            metrics.observe_request_finished(live, finish_reason, error)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         return pb.AbortResponse(found=self._fleet.abort(request.request_id))

@@ -92,6 +92,7 @@ def plan_to_pb(plan: StepPlan) -> worker_pb.StepRequest:
                 block_ids=n.block_ids,
                 num_computed_tokens=n.num_computed_tokens,
                 num_scheduled_tokens=n.num_scheduled_tokens,
+                trace_context=n.request.trace_context,
             )
             for n in plan.new_requests
         ],

@@ -18,12 +18,13 @@ import grpc
 from switchyard.worker.v1 import worker_pb2 as worker_pb
 from switchyard.worker.v1 import worker_pb2_grpc
 
-from services.scheduler import wire
+from services.scheduler import metrics, wire
 from services.scheduler.batcher import Batcher, RequestEvent
 from services.scheduler.block_manager import BlockManager
 from services.scheduler.request import Request
 from services.scheduler.worker_spec import WorkerSpec
 from shared.channel import insecure_channel
+from shared.errors import Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class WorkerLoop:
 
     # --- called by the fleet / handlers (synchronous, never block) ---------------------------
     def submit(self, request: Request) -> None:
-        assert self.batcher is not None  # the fleet only routes to workers that are up
+        if self.batcher is None:  # the fleet routes only to workers that are up; this is a race
+            raise Unavailable(f"worker {self.address} is down")
         self.batcher.add(request)
         self._wake.set()
 
@@ -134,6 +136,7 @@ class WorkerLoop:
             if expired:
                 self._on_events(expired)
             plan = batcher.schedule()
+            metrics.observe_schedule(self, plan, self._clock())
             if plan.is_empty:
                 timeout = IDLE_POLL_S if batcher.has_work() else None
                 try:
@@ -141,6 +144,10 @@ class WorkerLoop:
                 except TimeoutError:
                     pass
                 continue
+            now = self._clock()
+            for scheduled in plan.new_requests:
+                if scheduled.request.first_scheduled_s is None:
+                    scheduled.request.first_scheduled_s = now
             reply = await self._stub.Step(wire.plan_to_pb(plan), timeout=self._step_timeout_s)
             self.num_steps += 1
             events = batcher.update(plan, wire.outputs_from_pb(reply))
@@ -150,6 +157,7 @@ class WorkerLoop:
 
     def _mark_down(self, reason: str) -> None:
         logger.warning("worker %s (pool %s) down: %s", self.address, self.pool, reason)
+        metrics.observe_worker_down(self)
         self.up = False
         requests = self.batcher.take_all() if self.batcher is not None else []
         self.batcher = None

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Send
 
+from services.tokenizer import metrics
 from services.tokenizer.frontend import Frontend, GenerateChunk
 from services.tokenizer.openai_schema import (
     ChatCompletionRequest, CompletionLogprobs, CompletionRequest, Endpoint, HttpError, chat_logprobs, choice,
@@ -160,7 +161,7 @@ class _Generation:
             self.param_of = req.http_param
             inp = req.to_input(self.response_id, self.frontend.model_name)
             self.logprobs = inp.sampling.logprobs is not None
-            stream = self.frontend.generate(inp)
+            stream = metrics.observe_chunks("http", self.frontend.generate(inp))
             if not req.stream:
                 chunks = await _unless_disconnected(self.request, self._collect(stream))
                 return JSONResponse(self._whole(chunks))
@@ -248,6 +249,7 @@ def create_app(frontend: Frontend, *, max_request_bytes: int = 1 << 20, ready: b
     app = FastAPI(title="Switchyard", summary="OpenAI-compatible API of the Switchyard front door")
     app.state.ready = ready
     app.state.closing = False  # set by HttpServer.stop once the grace is over
+    metrics.instrument_http(app)
     created = int(time.time())
 
     def model_card() -> dict[str, Any]:

@@ -9,7 +9,7 @@ import grpc
 from switchyard.api.v1 import generation_pb2 as pb
 from switchyard.api.v1 import generation_pb2_grpc
 
-from services.tokenizer import wire
+from services.tokenizer import metrics, wire
 from services.tokenizer.api_types import ChatMessage
 from services.tokenizer.frontend import Frontend
 from shared.errors import InvalidArgument, Unavailable
@@ -27,6 +27,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         generation_pb2_grpc.add_GenerationServicer_to_server(self, server)
         return [pb.DESCRIPTOR.services_by_name["Generation"].full_name]
 
+    @metrics.track_grpc
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         if self.draining:
             raise Unavailable("front door is draining")
@@ -34,7 +35,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if size > self._max_request_bytes:
             raise InvalidArgument(f"request is {size} bytes, over the {self._max_request_bytes}-byte cap", field="request")
         inp = wire.generate_input_from_pb(request, context.time_remaining())
-        async with aclosing(self._frontend.generate(inp)) as chunks:
+        async with aclosing(metrics.observe_chunks("grpc", self._frontend.generate(inp))) as chunks:
             async for chunk in chunks:
                 yield wire.chunk_to_pb(chunk)
 

@@ -33,7 +33,7 @@ async def run(config: WorkerConfig) -> None:
         runner.spec.name, runner.num_blocks, runner.block_size, runner.kv_pool.shape.num_bytes / 2**20,
         runner.backend.name, runner.spec.max_model_len,
     )
-    servicer = WorkerServicer(Executor(runner), version=config.version)
+    servicer = WorkerServicer(Executor(runner), version=config.version, address=config.address)
     start_metrics_server(config.metrics_port)
     await serve(
         service_name="worker", register=servicer.register, address=config.address,

@@ -31,6 +31,7 @@ class RequestState:
     num_computed_tokens: int
     num_scheduled_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)  # prompt + output, kept for slicing
+    trace_context: str = ""
 
     @property
     def num_tokens(self) -> int:
@@ -53,8 +54,23 @@ class Executor:
     def execute(self, step: StepInput) -> StepResult:
         started = time.perf_counter()
         scheduled = self._apply(step)
+        num_prefill = sum(
+            max(0, min(s.num_computed_tokens + s.num_scheduled_tokens, len(s.prompt_token_ids)) - s.num_computed_tokens)
+            for s in scheduled
+        )
+        num_tokens = sum(s.num_scheduled_tokens for s in scheduled)
         outputs = self._run(scheduled) if scheduled else ()
-        return StepResult(step.step_id, tuple(outputs), time.perf_counter() - started)
+        return StepResult(step.step_id, tuple(outputs), time.perf_counter() - started,
+                          len(scheduled), num_prefill, num_tokens - num_prefill)
+
+    def trace_contexts(self, step: StepInput) -> list[tuple[str, str]]:
+        """(request_id, traceparent) of every request a step schedules, for the step span's links."""
+        found = [(r.request_id, r.trace_context) for r in step.new_requests]
+        for cached in step.cached_requests:
+            state = self.requests.get(cached.request_id)
+            if state is not None:
+                found.append((cached.request_id, state.trace_context))
+        return [(rid, ctx) for rid, ctx in found if ctx]
 
     def _apply(self, step: StepInput) -> list[RequestState]:
         """Validates the whole step first, then mutates state, so a refused step changes nothing."""
@@ -73,6 +89,7 @@ class Executor:
             staged[new.request_id] = RequestState(
                 new.request_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling,
                 list(new.block_ids), new.num_computed_tokens, new.num_scheduled_tokens, tokens,
+                new.trace_context,
             )
         for cached in step.cached_requests:
             field_name = f"cached_requests[{cached.request_id}]"
@@ -86,7 +103,7 @@ class Executor:
             staged[cached.request_id] = RequestState(
                 old.request_id, old.prompt_token_ids, old.output_token_ids, old.sampling,
                 old.block_ids + list(cached.new_block_ids), old.num_computed_tokens,
-                cached.num_scheduled_tokens, old.token_ids,
+                cached.num_scheduled_tokens, old.token_ids, old.trace_context,
             )
         for state in staged.values():
             self._check_schedulable(state)

@@ -11,17 +11,35 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from switchyard.worker.v1 import worker_pb2 as pb
 from switchyard.worker.v1 import worker_pb2_grpc
 
 from services.worker import wire
 from services.worker.executor import Executor
+from services.worker.metrics import WorkerMetrics
 from shared.errors import Unavailable
+
+_tracer = trace.get_tracer("switchyard.worker")
+_propagator = TraceContextTextMapPropagator()
+
+
+def _links(contexts: list[tuple[str, str]]) -> list[trace.Link]:
+    """One link per request in the batch: a step serves many requests, so it cannot be a child of
+    all of them; links let a request's trace lead to every step that computed it."""
+    links = []
+    for request_id, traceparent in contexts:
+        span_context = trace.get_current_span(_propagator.extract({"traceparent": traceparent})).get_span_context()
+        if span_context.is_valid:
+            links.append(trace.Link(span_context, {"switchyard.request_id": request_id}))
+    return links
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, executor: Executor, *, version: str) -> None:
+    def __init__(self, executor: Executor, *, version: str, address: str = "") -> None:
         self._executor = executor
+        self._metrics = WorkerMetrics(address, executor)  # labelled by the address the scheduler dials
         self._version = version
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
         self._lock = asyncio.Lock()
@@ -43,8 +61,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise Unavailable("worker is shutting down")
         step = wire.step_from_pb(request)
         async with self._lock:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self._thread, self._executor.execute, step)
+            links = _links(self._executor.trace_contexts(step))
+            with _tracer.start_as_current_span("worker.step", links=links) as span:
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(self._thread, self._executor.execute, step)
+                span.set_attributes({
+                    "switchyard.step_id": result.step_id,
+                    "switchyard.batch_size": result.num_requests,
+                    "switchyard.num_prefill_tokens": result.num_prefill_tokens,
+                    "switchyard.num_decode_tokens": result.num_decode_tokens,
+                    "switchyard.num_finished_requests": len(step.finished_request_ids),
+                })
+        self._metrics.observe_step(result)
         return wire.result_to_pb(result)
 
     async def Reset(self, request: pb.ResetRequest, context: grpc.aio.ServicerContext) -> pb.ResetResponse:

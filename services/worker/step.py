@@ -18,6 +18,7 @@ class NewRequestData:
     block_ids: tuple[int, ...]
     num_computed_tokens: int
     num_scheduled_tokens: int
+    trace_context: str = ""  # W3C traceparent of the request's scheduler span
 
 
 @dataclass(frozen=True)
@@ -58,3 +59,6 @@ class StepResult:
     step_id: int
     outputs: tuple[RequestResult, ...] = field(default_factory=tuple)
     execute_duration_s: float = 0.0
+    num_requests: int = 0  # scheduled in this step
+    num_prefill_tokens: int = 0  # tokens at prompt positions
+    num_decode_tokens: int = 0  # tokens at generated positions (decodes, and their recomputation)

@@ -54,6 +54,7 @@ def step_from_pb(msg: pb.StepRequest) -> StepInput:
                 block_ids=tuple(r.block_ids),
                 num_computed_tokens=r.num_computed_tokens,
                 num_scheduled_tokens=r.num_scheduled_tokens,
+                trace_context=r.trace_context,
             )
             for r in msg.new_requests
         ),

@@ -1,0 +1,169 @@
+"""The scheduler's Prometheus metrics: the request's view of latency, load and the prefix cache.
+
+The scheduler is the only process that sees a request from arrival to finish and knows which
+worker and pool served it, so every per-request metric lives here, labelled {pool, worker}; the
+workers export only what happens inside a step, and the front door only what its clients see
+(each metric is exported by exactly one service, so sums across processes never double count).
+
+Gauges that describe a worker's state (running, waiting, KV use, up) are read from the worker
+loop when Prometheus scrapes (`set_function`), so they are never stale between steps, cost nothing
+per step, and drop to 0 by themselves when the last request frees its blocks. Everything else is
+pushed from a few one-line hooks in fleet.py, worker_loop.py and servicer.py.
+
+Definitions are module level: a process registers each metric once, and services started side by
+side in one process (tests) share them, told apart by their worker label.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.scheduler.plan import RequestEvent, StepPlan
+from services.scheduler.router import RoutingDecision
+from shared.telemetry import LATENCY_BUCKETS_S
+
+if TYPE_CHECKING:  # fleet.py and worker_loop.py import this module; only types flow back
+    from services.scheduler.fleet import Fleet, LiveRequest
+    from services.scheduler.worker_loop import WorkerLoop
+
+_LABELS = ("pool", "worker")
+
+TIME_TO_FIRST_TOKEN = Histogram(
+    "switchyard_time_to_first_token_seconds", "Arrival at the scheduler to the first token delivered.",
+    _LABELS, buckets=LATENCY_BUCKETS_S)
+INTER_TOKEN_LATENCY = Histogram(
+    "switchyard_inter_token_latency_seconds",
+    "Time between consecutive token deliveries of one request, per token.", _LABELS, buckets=LATENCY_BUCKETS_S)
+E2E_REQUEST_LATENCY = Histogram(
+    "switchyard_e2e_request_latency_seconds", "Arrival at the scheduler to the request's finish.",
+    _LABELS, buckets=LATENCY_BUCKETS_S)
+REQUEST_QUEUE_TIME = Histogram(
+    "switchyard_request_queue_time_seconds", "Arrival to the first step that schedules the request.",
+    _LABELS, buckets=LATENCY_BUCKETS_S)
+REQUESTS_RUNNING = Gauge("switchyard_requests_running", "Requests holding KV blocks on the worker.", _LABELS)
+REQUESTS_WAITING = Gauge("switchyard_requests_waiting", "Requests queued for the worker.", _LABELS)
+KV_BLOCKS_USED_RATIO = Gauge(
+    "switchyard_kv_blocks_used_ratio", "KV blocks referenced by a live request / usable blocks.", _LABELS)
+PREFIX_CACHE_QUERIES = Counter(
+    "switchyard_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache at first placement.",
+    _LABELS)
+PREFIX_CACHE_HITS = Counter(
+    "switchyard_prefix_cache_hits_total", "Prompt tokens served from the prefix cache at first placement.",
+    _LABELS)
+PREEMPTIONS = Counter("switchyard_preemptions_total", "Running requests sent back to the queue.", _LABELS)
+PROMPT_TOKENS = Counter("switchyard_prompt_tokens_total", "Prompt tokens of finished requests.", _LABELS)
+GENERATION_TOKENS = Counter("switchyard_generation_tokens_total", "Tokens delivered to clients.", _LABELS)
+REQUESTS = Counter(
+    "switchyard_requests_total", "Finished requests by finish reason (stop, length, abort, error).",
+    (*_LABELS, "finish_reason"))
+WORKER_UP = Gauge("switchyard_worker_up", "1 while the worker answers and takes requests, else 0.", _LABELS)
+POOL_WEIGHT = Gauge("switchyard_pool_weight", "Traffic weight of the pool.", ("pool",))
+ROUTING_DECISIONS = Counter(
+    "switchyard_routing_decisions_total", "Workers chosen for a request (sticky: the session's pool).",
+    (*_LABELS, "sticky"))
+WORKER_FAILURES = Counter(
+    "switchyard_worker_failures_total", "Step failures that marked the worker down.", _LABELS)
+REQUESTS_MIGRATED = Counter(
+    "switchyard_requests_migrated_total", "Requests moved off a dead worker to another of its pool.", ("pool",))
+
+# A deadline is the client's choice and a cancel the client's act: both are aborts, not failures.
+_ABORT_ERRORS = ("cancelled", "deadline")
+
+
+def observe_fleet(fleet: Fleet) -> None:
+    """Binds the state gauges of every worker loop and pool; called once when a fleet is built."""
+    for loop in fleet.loops.values():
+        labels = (loop.pool, loop.address)
+        # Default arguments pin this loop: a closure over the loop variable would read the last one.
+        WORKER_UP.labels(*labels).set_function(lambda loop=loop: 1.0 if loop.up else 0.0)
+        REQUESTS_RUNNING.labels(*labels).set_function(
+            lambda loop=loop: loop.batcher.num_running if loop.batcher is not None else 0)
+        REQUESTS_WAITING.labels(*labels).set_function(
+            lambda loop=loop: loop.batcher.num_waiting if loop.batcher is not None else 0)
+        KV_BLOCKS_USED_RATIO.labels(*labels).set_function(lambda loop=loop: _kv_used_ratio(loop))
+    router = fleet.router
+    for pool in router.pools():
+        # Read at scrape time: weights change at runtime (Router.set_weight) during a rollout.
+        POOL_WEIGHT.labels(pool.name).set_function(
+            lambda name=pool.name: next((p.weight for p in router.pools() if p.name == name), 0.0))
+
+
+def _kv_used_ratio(loop: WorkerLoop) -> float:
+    batcher = loop.batcher
+    if batcher is None:
+        return 0.0  # down: the scheduler holds no blocks there (the worker is reset on return)
+    manager = batcher.block_manager
+    return manager.num_blocks_used / manager.num_blocks_total if manager.num_blocks_total else 0.0
+
+
+def observe_routed(decision: RoutingDecision) -> None:
+    ROUTING_DECISIONS.labels(decision.pool, decision.worker, "true" if decision.sticky else "false").inc()
+
+
+def observe_migrated(decision: RoutingDecision) -> None:
+    """A request of a dead worker was re-routed; the new placement is a routing decision too."""
+    REQUESTS_MIGRATED.labels(decision.pool).inc()
+    observe_routed(decision)
+
+
+def observe_schedule(loop: WorkerLoop, plan: StepPlan, now_s: float) -> None:
+    """Called right after `Batcher.schedule()` and before the loop stamps `first_scheduled_s`,
+    so a request whose stamp is still unset is at its first placement."""
+    labels = (loop.pool, loop.address)
+    if plan.num_preemptions:
+        PREEMPTIONS.labels(*labels).inc(plan.num_preemptions)
+    for scheduled in plan.new_requests:
+        request = scheduled.request
+        if request.first_scheduled_s is not None:
+            continue  # re-sent after a preemption or a move: not a new lookup, not queue time
+        REQUEST_QUEUE_TIME.labels(*labels).observe(now_s - request.arrival_s)
+        PREFIX_CACHE_QUERIES.labels(*labels).inc(request.num_prompt_tokens)
+        # At first placement the scheduled start is exactly the prefix found in the cache.
+        PREFIX_CACHE_HITS.labels(*labels).inc(scheduled.num_computed_tokens)
+
+
+def observe_worker_down(loop: WorkerLoop) -> None:
+    WORKER_FAILURES.labels(loop.pool, loop.address).inc()
+
+
+def observe_delivery(live: LiveRequest, event: RequestEvent, now_s: float) -> None:
+    """Tokens put on a request's stream: TTFT on the first delivery, then inter-token latency.
+
+    A delivery of k tokens after dt observes dt/k k times, so ITL means the same whether a worker
+    returns one token per step or several; a stall (preemption, a move) shows in the tail.
+    """
+    num_tokens = len(event.token_ids)
+    if not num_tokens:
+        return
+    labels = (live.decision.pool, live.worker.address)
+    GENERATION_TOKENS.labels(*labels).inc(num_tokens)
+    if live.last_token_at_s is None:
+        TIME_TO_FIRST_TOKEN.labels(*labels).observe(now_s - live.queued_at_s)
+    else:
+        per_token_s = (now_s - live.last_token_at_s) / num_tokens
+        histogram = INTER_TOKEN_LATENCY.labels(*labels)
+        for _ in range(num_tokens):
+            histogram.observe(per_token_s)
+    live.last_token_at_s = now_s
+
+
+def observe_request_finished(live: LiveRequest | None, finish_reason: str, error: str = "") -> None:
+    """Called once per admitted request when its stream ends, however it ends.
+
+    `finish_reason` is stop/length/abort as the stream reported it; `error` is set when it ended by
+    an error, which counts as `error` unless the client cancelled or its deadline passed. A request
+    the front door stops early (a stop string) cancels its stream and so counts as abort here; the
+    front door's own finish-reason counter says stop.
+    """
+    if live is None:
+        return  # refused at admission: never ran on a worker
+    if error:
+        finish_reason = "abort" if error.startswith(_ABORT_ERRORS) else "error"
+    labels = (live.decision.pool, live.worker.address)
+    # The fleet's clock is time.monotonic in every service; arrival was stamped with it.
+    E2E_REQUEST_LATENCY.labels(*labels).observe(time.monotonic() - live.queued_at_s)
+    PROMPT_TOKENS.labels(*labels).inc(live.request.num_prompt_tokens)
+    REQUESTS.labels(*labels, finish_reason).inc()

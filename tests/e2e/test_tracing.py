@@ -1,0 +1,133 @@
+"""One request is one trace across three processes, received by an in-process OTLP collector."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp_pb
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otlp_grpc
+from switchyard.api.v1 import generation_pb2 as pb
+from switchyard.api.v1 import generation_pb2_grpc
+
+from deploy.stack import start_stack, stop_stack
+from tests.deploy.test_stack import make_config
+
+pytestmark = pytest.mark.e2e
+
+
+class Collector(otlp_grpc.TraceServiceServicer):
+    """The OTLP trace endpoint, keeping every span with the service that sent it."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, object]] = []
+        self._lock = threading.Lock()
+
+    def Export(self, request, context):  # noqa: N802 (gRPC method name)
+        with self._lock:
+            for resource_spans in request.resource_spans:
+                service = next((a.value.string_value for a in resource_spans.resource.attributes
+                                if a.key == "service.name"), "?")
+                for scope in resource_spans.scope_spans:
+                    self.spans.extend((service, span) for span in scope.spans)
+        return otlp_pb.ExportTraceServiceResponse()
+
+    def named(self, name: str) -> list[tuple[str, object]]:
+        with self._lock:
+            return [(service, span) for service, span in self.spans if span.name == name]
+
+
+def attrs(span) -> dict:
+    out = {}
+    for a in span.attributes:
+        v = a.value
+        out[a.key] = v.string_value or v.int_value or v.double_value or v.bool_value or list(
+            x.string_value for x in v.array_value.values)
+    return out
+
+
+@pytest.fixture(scope="module")
+def traced_stack(tiny_model_dir, tmp_path_factory):
+    collector = Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    otlp_grpc.add_TraceServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    config = make_config(tmp_path_factory.mktemp("run"), tiny_model_dir,
+                         services=("worker", "scheduler", "tokenizer"))
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
+           "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        stack = start_stack(config)
+    try:
+        yield stack, collector
+    finally:
+        stop_stack(config.run_dir, quiet=True)
+        server.stop(0)
+
+
+def test_one_request_is_one_trace_across_three_processes(traced_stack) -> None:
+    stack, collector = traced_stack
+    with grpc.insecure_channel(stack.tokenizer_address) as channel:
+        api = generation_pb2_grpc.GenerationStub(channel)
+        request = pb.GenerateRequest(request_id="traced-1", prompt="trace me " * 40,
+                                     sampling=pb.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+        responses = list(api.Generate(request, timeout=60))
+    assert sum(len(r.token_ids) for r in responses) == 6
+
+    def request_spans():
+        front = [s for _, s in collector.named("tokenizer.generate") if attrs(s).get("switchyard.request_id") == "traced-1"]
+        sched = [s for _, s in collector.named("scheduler.request") if attrs(s).get("switchyard.request_id") == "traced-1"]
+        return front, sched
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        front, sched = request_spans()
+        steps = [(svc, s) for svc, s in collector.named("worker.step")
+                 if sched and any(link.span_id == sched[0].span_id for link in s.links)]
+        if front and sched and len(steps) >= 6:
+            break
+        time.sleep(0.2)
+    front, sched = request_spans()
+    assert len(front) == 1 and len(sched) == 1, "each request has exactly one front-door and one scheduler span"
+    generate, scheduled = front[0], sched[0]
+    trace_id = generate.trace_id
+    assert scheduled.trace_id == trace_id
+
+    # scheduler.request descends from tokenizer.generate through the gRPC client/server spans.
+    by_id = {span.span_id: span for _, span in collector.spans if span.trace_id == trace_id}
+    services = {span.span_id: svc for svc, span in collector.spans if span.trace_id == trace_id}
+    ancestor, chain = scheduled, []
+    while ancestor.span_id != generate.span_id and ancestor.parent_span_id in by_id:
+        ancestor = by_id[ancestor.parent_span_id]
+        chain.append(f"{services[ancestor.span_id]}:{ancestor.name}")
+    assert ancestor.span_id == generate.span_id, f"scheduler.request's ancestors stop at {chain}"
+    assert chain == ["switchyard-scheduler:/switchyard.scheduler.v1.Scheduler/Generate",
+                     "switchyard-tokenizer:/switchyard.scheduler.v1.Scheduler/Generate",
+                     "switchyard-tokenizer:tokenizer.generate"]
+    assert services[generate.span_id] == "switchyard-tokenizer"
+    assert services[scheduled.span_id] == "switchyard-scheduler"
+
+    # Worker steps (one per step, in the worker processes) link back into this trace.
+    assert len(steps) >= 6  # at least the prefill and one step per further token
+    for service, step in steps:
+        assert service == "switchyard-worker"
+        link = next(link for link in step.links if link.span_id == scheduled.span_id)
+        assert link.trace_id == trace_id
+        step_attrs = attrs(step)
+        assert step_attrs["switchyard.batch_size"] >= 1
+        assert "switchyard.num_prefill_tokens" in step_attrs or "switchyard.num_decode_tokens" in step_attrs
+
+    generate_attrs, sched_attrs = attrs(generate), attrs(scheduled)
+    assert generate_attrs["gen_ai.usage.output_tokens"] == 6
+    assert generate_attrs["gen_ai.request.max_tokens"] == 6
+    assert generate_attrs["gen_ai.response.finish_reasons"] == ["length"]
+    assert sched_attrs["switchyard.worker"] in stack.worker_addresses
+    assert sched_attrs["switchyard.pool"] == "default"
+    assert "switchyard.queue_time_s" in sched_attrs and "switchyard.time_to_first_token_s" in sched_attrs
+    assert "switchyard.route.candidates" in sched_attrs
