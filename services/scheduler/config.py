@@ -60,6 +60,9 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
     p.add_argument("--step-timeout-s", type=float, default=env_float("SWITCHYARD_STEP_TIMEOUT_S", 60.0))
     p.add_argument("--load-weight", type=float, default=env_float("SWITCHYARD_ROUTER_LOAD_WEIGHT", 1.0))
     p.add_argument("--decode-cost-tokens", type=float, default=env_float("SWITCHYARD_ROUTER_DECODE_COST_TOKENS", 8.0))
+    p.add_argument("--routing", default=env_str("SWITCHYARD_ROUTING", "cache_aware"),
+                   choices=["cache_aware", "round_robin"],
+                   help="worker choice inside a pool; round_robin is a benchmark baseline [SWITCHYARD_ROUTING]")
     p.add_argument("--startup-wait-s", type=float, default=env_float("SWITCHYARD_STARTUP_WAIT_S", 120.0),
                    help="how long to wait for workers before serving")
     p.add_argument("--grace-s", type=float, default=env_float("SWITCHYARD_GRACE_S", 10.0))
@@ -74,7 +77,7 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
     fleet = FleetConfig(
         pools=pools, max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
         max_waiting_requests=a.max_waiting_requests, step_timeout_s=a.step_timeout_s,
-        load_weight=a.load_weight, decode_cost_tokens=a.decode_cost_tokens,
+        load_weight=a.load_weight, decode_cost_tokens=a.decode_cost_tokens, routing=a.routing,
     )
     return SchedulerConfig(host=a.host, port=a.port, metrics_port=a.metrics_port, fleet=fleet,
                            startup_wait_s=a.startup_wait_s, grace_s=a.grace_s)

@@ -37,6 +37,7 @@ class FleetConfig:
     load_weight: float = 1.0
     decode_cost_tokens: float = 8.0
     router_seed: int | None = None
+    routing: str = "cache_aware"
 
 
 @dataclass
@@ -54,7 +55,8 @@ class Fleet:
     def __init__(self, config: FleetConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.router = Router(config.pools, load_weight=config.load_weight,
-                             decode_cost_tokens=config.decode_cost_tokens, seed=config.router_seed)
+                             decode_cost_tokens=config.decode_cost_tokens, seed=config.router_seed,
+                             policy=config.routing)
         self._clock = clock
         self.live: dict[str, LiveRequest] = {}
         self._idle = asyncio.Event()  # set while no request is live; drain waits on it

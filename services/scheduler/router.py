@@ -31,6 +31,8 @@ Knobs (all constructor arguments; the router reads no environment):
   a forgotten session is simply routed afresh. 0 disables stickiness.
 - `seed` (default None = OS entropy): seeds the router's own `random.Random`, so tests and replays
   of the pool split are deterministic and nothing else shares (or perturbs) the stream.
+- `policy` (default "cache_aware"): "round_robin" ignores overlap and load and cycles through the
+  pool's up workers; it exists as the baseline that benchmarks measure cache-aware routing against.
 
 Every worker choice returns a `RoutingDecision` carrying the chosen pool and worker, its overlap and
 cost, and every candidate's cost, so traces and metrics can explain why a request went where it did.
@@ -51,6 +53,8 @@ from shared.errors import InvalidArgument, Unavailable
 DEFAULT_LOAD_WEIGHT = 1.0
 DEFAULT_DECODE_COST_TOKENS = 8.0
 DEFAULT_MAX_SESSIONS = 100_000
+DEFAULT_POLICY = "cache_aware"
+POLICIES = ("cache_aware", "round_robin")
 
 
 @dataclass(frozen=True)
@@ -131,8 +135,11 @@ class Router:
         decode_cost_tokens: float = DEFAULT_DECODE_COST_TOKENS,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         seed: int | None = None,
+        policy: str = DEFAULT_POLICY,
     ) -> None:
         _validate_pools(pools)
+        if policy not in POLICIES:
+            raise InvalidArgument(f"must be one of {', '.join(POLICIES)}, got {policy!r}", field="routing")
         _check_non_negative(load_weight, "load_weight")
         _check_non_negative(decode_cost_tokens, "decode_cost_tokens")
         if max_sessions < 0:
@@ -144,6 +151,8 @@ class Router:
         self._max_sessions = max_sessions
         self._sessions: OrderedDict[str, str] = OrderedDict()  # session id -> pool, oldest first
         self._rng = random.Random(seed)
+        self._policy = policy
+        self._next_index: dict[str, int] = {}  # round robin: next candidate per pool
 
     @property
     def num_sessions(self) -> int:
@@ -210,7 +219,13 @@ class Router:
         if not candidates:
             raise Unavailable(f"no worker of pool {pool!r} is up")
 
-        best = min(candidates, key=lambda c: (c.cost, queued_by_address[c.address], c.address))
+        if self._policy == "round_robin":
+            # The baseline cache-aware routing is measured against: ignores overlap and load.
+            index = self._next_index.get(pool, 0)
+            best = sorted(candidates, key=lambda c: c.address)[index % len(candidates)]
+            self._next_index[pool] = index + 1
+        else:
+            best = min(candidates, key=lambda c: (c.cost, queued_by_address[c.address], c.address))
         return RoutingDecision(
             pool=pool,
             worker=best.address,

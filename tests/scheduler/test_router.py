@@ -319,3 +319,23 @@ def test_overlap_beyond_prompt_is_clamped() -> None:
     decision = make_router({"p": 1}).choose_worker("p", 64, [make_load("w0", overlap=128)])
     assert decision.candidates[0].uncached_prompt_tokens == 0
     assert decision.overlap_tokens == 64
+
+
+def test_round_robin_policy_cycles_and_ignores_overlap() -> None:
+    from services.scheduler.router import PoolConfig, Router, WorkerLoad
+
+    router = Router([PoolConfig("p", "v1", 1.0, ("a:1", "b:2", "c:3"))], policy="round_robin", seed=0)
+    loads = [WorkerLoad("a:1", True, 500, 0, 0), WorkerLoad("b:2", True, 0, 10_000, 50),
+             WorkerLoad("c:3", False, 0, 0, 0)]
+    chosen = [router.choose_worker("p", 512, loads).worker for _ in range(4)]
+    assert chosen == ["a:1", "b:2", "a:1", "b:2"]  # down worker c skipped; overlap and load ignored
+
+
+def test_unknown_policy_names_the_field() -> None:
+    import pytest
+
+    from services.scheduler.router import PoolConfig, Router
+    from shared.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="routing"):
+        Router([PoolConfig("p", "v1", 1.0, ("a:1",))], policy="random")
