@@ -59,15 +59,15 @@ class TorchAttentionBackend:
         tok_idx = torch.tensor([starts[i] for i in reqs], device=device)
         tables = meta.block_tables[req_idx, :num_blocks]
         ctx_len = num_blocks * block_size
-        keys = kv_cache[0][tables].reshape(len(reqs), ctx_len, num_kv_heads, head_dim)
-        values = kv_cache[1][tables].reshape(len(reqs), ctx_len, num_kv_heads, head_dim)
+        # [reqs, kv_heads, ctx, head_dim]; the query heads of one KV group become SDPA's query
+        # length axis, so grouped-query attention needs no repeat of K/V. SDPA's fused CPU kernel
+        # is ~2x faster here than einsum + softmax (measured at batch 64, context 128).
+        keys = kv_cache[0][tables].reshape(len(reqs), ctx_len, num_kv_heads, head_dim).transpose(1, 2)
+        values = kv_cache[1][tables].reshape(len(reqs), ctx_len, num_kv_heads, head_dim).transpose(1, 2)
         q = query[tok_idx].reshape(len(reqs), num_kv_heads, group, head_dim)
-        scores = torch.einsum("bgrd,blgd->bgrl", q.float(), keys.float()) * scale
         lens = torch.tensor(seq_lens, device=device)
-        beyond = torch.arange(ctx_len, device=device)[None, :] >= lens[:, None]
-        scores.masked_fill_(beyond[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        result = torch.einsum("bgrl,blgd->bgrd", probs, values.float())
+        valid = (torch.arange(ctx_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
+        result = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=valid, scale=scale)
         out[tok_idx] = result.reshape(len(reqs), num_heads, head_dim).to(out.dtype)
 
     def _prefill(
