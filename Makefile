@@ -7,7 +7,7 @@ PRESET ?= tiny
 PROTO_OUT := shared/proto
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: setup protos model test test-all bench up down run status clean
+.PHONY: setup protos model test test-all bench bench-smoke up down run status clean
 
 # Creates .venv with every dependency pinned in requirements.txt, then generates the stubs.
 setup: $(VENV)/.installed protos
@@ -55,5 +55,31 @@ status:
 run: up
 	$(PY) -m deploy.demo $(if $(PROMPT),'$(PROMPT)')
 
+# Benchmarks (they measure; they are not tests): every scenario against stacks started on free ports,
+# results in bench/results/ (latest.json, latest.md, PNGs). Long: tens of minutes on a laptop.
+# BENCH_ARGS passes flags, e.g. make bench BENCH_ARGS='--scenarios shared_prefix'.
+bench: setup
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+# The same harness on a few short requests (tiny model everywhere), into bench/results/tmp/smoke: checks
+# that the scenarios still run end to end in about two minutes; its numbers mean nothing.
+bench-smoke: setup
+	$(PY) -m bench.run --quick --out bench/results/tmp/smoke $(BENCH_ARGS)
+
 clean:
 	rm -rf $(PROTO_OUT) .pytest_cache
+
+# GuideLLM, the third-party benchmark client of `python -m bench.guidellm_check`, in its own virtualenv
+# so that its dependencies never disturb the pins of .venv. GUIDELLM_VENV moves it (the check reads the
+# same variable). torch goes first and pinned: that selects the CPU build and keeps CUDA wheels out.
+GUIDELLM_VENV ?= bench/.venv-guidellm
+.PHONY: bench-tools
+bench-tools: $(GUIDELLM_VENV)/.installed
+
+$(GUIDELLM_VENV)/.installed:
+	$(PYTHON) -m venv $(GUIDELLM_VENV)
+	$(GUIDELLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(GUIDELLM_VENV)/bin/python -m pip install --quiet "torch==2.13.0"
+	$(GUIDELLM_VENV)/bin/python -m pip install --quiet "guidellm==0.8.1"
+	$(GUIDELLM_VENV)/bin/guidellm --version
+	touch $@

@@ -102,7 +102,17 @@ class Batcher:
 
     @property
     def num_queued_prefill_tokens(self) -> int:
-        return sum(r.num_tokens - r.num_computed_tokens for r in self._requests.values())
+        """Prompt work still ahead, for the router's load term: tokens not yet computed, less what
+        a request not yet placed is expected to find in the prefix cache. Counting the whole
+        prompt of queued requests would make a worker holding a popular prefix look busy exactly
+        because it attracts the requests that share it."""
+        total = 0
+        for r in self._requests.values():
+            remaining = r.num_tokens - r.num_computed_tokens
+            if r.num_computed_tokens == 0:
+                remaining -= min(r.num_expected_cached_tokens, max(remaining - 1, 0))
+            total += remaining
+        return total
 
     @property
     def num_running_decode_requests(self) -> int:

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 from services.scheduler import metrics
 from services.scheduler.admission import ModelLimits, Submission, build_request
 from services.scheduler.batcher import RequestEvent
+from services.scheduler.pending_prefixes import PendingPrefixes
 from services.scheduler.request import FinishReason, Request
 from services.scheduler.router import PoolConfig, Router, RoutingDecision, WorkerLoad
 from services.scheduler.worker_loop import WorkerLoop
@@ -59,6 +60,7 @@ class Fleet:
                              policy=config.routing)
         self._clock = clock
         self.live: dict[str, LiveRequest] = {}
+        self._pending: dict[str, PendingPrefixes] = {}  # per worker address
         self._idle = asyncio.Event()  # set while no request is live; drain waits on it
         self._idle.set()
         self.loops: dict[str, WorkerLoop] = {}
@@ -104,10 +106,29 @@ class Fleet:
             if not loop.up or batcher is None:
                 loads.append(WorkerLoad(loop.address, False, 0, 0, 0))
                 continue
-            overlap = batcher.block_manager.num_cached_prefix_tokens(request.all_token_ids, request.cache_salt)
+            overlap = max(batcher.block_manager.num_cached_prefix_tokens(request.all_token_ids, request.cache_salt),
+                          self._pending_of(loop).overlap_tokens(request.prompt_token_ids, request.cache_salt))
             loads.append(WorkerLoad(loop.address, True, overlap, batcher.num_queued_prefill_tokens,
                                     batcher.num_running_decode_requests))
         return loads
+
+    def _pending_of(self, loop: WorkerLoop) -> PendingPrefixes:
+        pending = self._pending.get(loop.address)
+        spec = loop.spec
+        if pending is None or (spec is not None and (pending.block_size, pending.model_version) != (spec.block_size, spec.version)):
+            pending = PendingPrefixes(spec.block_size if spec else 16, spec.version if spec else "")
+            self._pending[loop.address] = pending
+        return pending
+
+    def _place(self, live: LiveRequest, loop: WorkerLoop, decision: RoutingDecision) -> None:
+        """Hands a request to a worker, remembering its prompt there until its first token."""
+        request = live.request
+        live.worker, live.decision = loop, decision
+        # The batcher counts only the uncached part of a queued prompt as load.
+        request.num_expected_cached_tokens = decision.overlap_tokens
+        if not request.output_token_ids:
+            self._pending_of(loop).add(request.request_id, request.prompt_token_ids, request.cache_salt)
+        loop.submit(request)
 
     def num_waiting(self) -> int:
         return sum(loop.batcher.num_waiting for loop in self.loops.values() if loop.batcher is not None)
@@ -127,7 +148,7 @@ class Fleet:
         live = LiveRequest(request, self.loops[decision.worker], decision, queued_at_s=now)
         self.live[request.request_id] = live
         self._idle.clear()
-        live.worker.submit(request)
+        self._place(live, self.loops[decision.worker], decision)
         return live
 
     def abort(self, request_id: str) -> bool:
@@ -145,6 +166,8 @@ class Fleet:
 
     def _forget(self, request_id: str) -> LiveRequest | None:
         live = self.live.pop(request_id, None)
+        if live is not None:
+            self._pending_of(live.worker).remove(request_id)
         if not self.live:
             self._idle.set()
         return live
@@ -161,6 +184,7 @@ class Fleet:
                 continue  # aborted while its step was in flight
             if event.token_ids and live.first_token_at_s is None:
                 live.first_token_at_s = now
+                self._pending_of(live.worker).remove(event.request_id)  # its blocks are indexed now
             metrics.observe_delivery(live, event, now)
             live.events.put_nowait(event)
 
@@ -175,9 +199,9 @@ class Fleet:
                 live.events.put_nowait(RequestEvent(request.request_id, (), (), FinishReason.ABORT,
                                                     error=f"unavailable: no worker of pool {dead.pool!r} is up"))
                 continue
+            self._pending_of(dead).remove(request.request_id)
             decision = self.router.choose_worker(dead.pool, request.num_prompt_tokens, self._loads(dead.pool, request))
-            live.worker, live.decision = self.loops[decision.worker], decision
             metrics.observe_migrated(decision)
-            live.worker.submit(request)
+            self._place(live, self.loops[decision.worker], decision)
             logger.info("request %s moved from %s to %s after %d tokens", request.request_id, dead.address,
                         decision.worker, len(request.output_token_ids))

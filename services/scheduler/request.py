@@ -68,6 +68,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    num_expected_cached_tokens: int = 0  # the router's overlap when it placed the request (load estimate)
     first_scheduled_s: float | None = None  # set by the worker loop when a step first includes it
 
     @property

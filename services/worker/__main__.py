@@ -11,6 +11,7 @@ import torch
 from services.worker.config import WorkerConfig, parse_config
 from services.worker.executor import Executor
 from services.worker.model_runner import ModelRunner
+from services.worker.null_runner import NullModelRunner
 from services.worker.servicer import WorkerServicer
 from shared.server import serve
 from shared.telemetry import setup_telemetry, start_metrics_server
@@ -22,8 +23,10 @@ async def run(config: WorkerConfig) -> None:
     telemetry = setup_telemetry("switchyard-worker")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    logger.info("loading %s (%s on %s)", config.model_dir, config.dtype, config.device)
-    runner = ModelRunner(
+    logger.info("loading %s (%s on %s)%s", config.model_dir, config.dtype, config.device,
+                " as a null model (no weights)" if config.null_model else "")
+    runner_cls = NullModelRunner if config.null_model else ModelRunner
+    runner = runner_cls(
         config.model_dir, dtype=config.dtype, device=config.device, block_size=config.block_size,
         num_blocks=config.num_blocks, kv_cache_bytes=config.kv_cache_bytes,
         attention_backend=config.attention_backend, max_model_len=config.max_model_len, name=config.model_name,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from shared.config import env_int, env_str
+from shared.config import env_bool, env_int, env_str
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class WorkerConfig:
     max_model_len: int | None
     num_threads: int
     grace_s: float
+    null_model: bool = False  # serve with NullModelRunner: no weights, deterministic tokens
 
     @property
     def address(self) -> str:
@@ -65,11 +66,15 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
                    help="torch intra-op threads; 0 keeps torch's default [SWITCHYARD_TORCH_THREADS]")
     p.add_argument("--grace-s", type=float, default=float(env_str("SWITCHYARD_GRACE_S", "10")),
                    help="seconds in-flight steps get on shutdown [SWITCHYARD_GRACE_S]")
+    p.add_argument("--null-model", action=argparse.BooleanOptionalAction,
+                   default=env_bool("SWITCHYARD_NULL_MODEL", False),
+                   help="no weights, no compute: token t is followed by t+1; measures the pipeline alone "
+                        "[SWITCHYARD_NULL_MODEL]")
     a = p.parse_args(argv)
     return WorkerConfig(
         model_dir=a.model, host=a.host, port=a.port, metrics_port=a.metrics_port, dtype=a.dtype,
         device=a.device, block_size=a.block_size, num_blocks=a.num_blocks or None,
         kv_cache_bytes=a.kv_cache_mib * 2**20, attention_backend=a.attention_backend,
         version=a.version_label, model_name=a.model_name, max_model_len=a.max_model_len or None,
-        num_threads=a.num_threads, grace_s=a.grace_s,
+        num_threads=a.num_threads, grace_s=a.grace_s, null_model=a.null_model,
     )

@@ -1,0 +1,431 @@
+"""A third-party benchmark client, GuideLLM, drives the OpenAI-compatible HTTP API unchanged; its
+throughput must agree with our own measurement of the same workload within 10%.
+
+GuideLLM lives in its own virtualenv (`make bench-tools` makes `bench/.venv-guidellm`; the variable
+GUIDELLM_VENV points elsewhere) so its dependencies never disturb the project's pins. It is run as a
+command, never imported, and it never reaches a model hub: the tokenizer is the local model
+directory, HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE are set, and the data is synthetic
+(`kind=synthetic_text` with fixed prompt and output token counts).
+
+Both sides use the same definitions, so the numbers compare like with like:
+
+- workload: `num_requests` independent prompts of exactly `prompt_tokens` tokens, each generating
+  exactly `output_tokens` tokens. GuideLLM's synthetic data sets `max_tokens` and `ignore_eos: true`
+  on every request by itself (see its TextCompletionsRequestHandler.format); ours sets the same.
+- load: closed loop, `concurrency` streams, each sending its next request as soon as the last one
+  ends (GuideLLM's `concurrent` profile), no warmup or cooldown excluded (GuideLLM's defaults).
+- output tokens: the server's own count (`usage.completion_tokens` of the last streamed chunk);
+  GuideLLM prefers it too over counting with its tokenizer.
+- throughput: output tokens of completed requests / wall time from the first request sent to the
+  last one finished. GuideLLM's `output_tokens_per_second.successful.mean` is exactly that (its
+  rate distribution is time-weighted over the benchmark's duration).
+
+`python -m bench.guidellm_check` starts a stack on free ports, warms it up, runs both and prints the
+two numbers and their ratio (`--base-url` measures a running server instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.records import RequestRecord, summarize
+from bench.workload import Workload, random_workload
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_VENV = REPO_ROOT / "bench" / ".venv-guidellm"
+DEFAULT_MODEL = REPO_ROOT / "models" / "tiny-llama"
+RESULTS_DIR = REPO_ROOT / "bench" / "results" / "tmp"  # gitignored
+TOLERANCE = 0.10  # GuideLLM's output throughput within 10% of ours
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+class GuideLLMError(RuntimeError):
+    """GuideLLM failed or wrote no usable report; the message names its log."""
+
+
+def guidellm_venv() -> Path:
+    return Path(os.environ.get("GUIDELLM_VENV") or DEFAULT_VENV)
+
+
+def guidellm_bin() -> Path:
+    return guidellm_venv() / "bin" / "guidellm"
+
+
+def available() -> bool:
+    """Whether the GuideLLM virtualenv exists (`make bench-tools`)."""
+    exe = guidellm_bin()
+    return exe.is_file() and os.access(exe, os.X_OK)
+
+
+def guidellm_command(base_url: str, model_dir: str | Path, *, model_name: str, num_requests: int,
+                     concurrency: int, prompt_tokens: int, output_tokens: int, report_path: Path,
+                     seed: int = 0) -> list[str]:
+    """The `guidellm run` command line for one closed-loop benchmark of the HTTP API at `base_url`."""
+    return [
+        str(guidellm_bin()), "run",
+        "--backend", f"kind=openai_http,target={base_url.rstrip('/')},model={model_name},"
+                     "request_format=/v1/completions",
+        "--profile", f"kind=concurrent,streams={concurrency}",
+        "--constraint", f"kind=max_requests,count={num_requests}",
+        "--tokenizer", f"kind=huggingface_auto,model={Path(model_dir).absolute()}",
+        "--data", f"kind=synthetic_text,prompt_tokens={prompt_tokens},output_tokens={output_tokens}",
+        # Make all the prompts before the clock starts, as our client does: by default GuideLLM's
+        # data-loader process keeps generating thousands of prompts ahead while the benchmark runs,
+        # taking CPU from the server on a small machine.
+        "--data-loader", f"kind=pytorch,samples={num_requests}",
+        "--seed", f"kind=static,value={seed}",
+        "--output", f"kind=json,path={report_path}",
+        "--disable-console-interactive",
+    ]
+
+
+def _guidellm_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    return {**env, **OFFLINE_ENV}
+
+
+def parse_report(report_path: Path) -> dict[str, Any]:
+    """The numbers of the (single) benchmark in a GuideLLM JSON report."""
+    report = json.loads(Path(report_path).read_text())
+    benchmarks = report.get("benchmarks") or []
+    if len(benchmarks) != 1:
+        raise GuideLLMError(f"{report_path}: expected one benchmark, found {len(benchmarks)}")
+    bench = benchmarks[0]
+    metrics = bench["metrics"]
+    state = bench.get("scheduler_state") or {}
+    totals = metrics["request_totals"]
+    ttft_ms = metrics["time_to_first_token_ms"]["successful"]
+    done = bench["requests"]["successful"]
+    # The same throughput recomputed from the per-request timings: first request sent to last one ended.
+    starts = [r["info"]["timings"]["request_start"] for r in done if r["info"]["timings"]["request_start"]]
+    ends = [r["info"]["timings"]["request_end"] for r in done if r["info"]["timings"]["request_end"]]
+    window_s = max(ends) - min(starts) if starts and ends else None
+    num_output = metrics["output_token_count"]["successful"]["total_sum"]
+    return {
+        "output_tokens_per_s": metrics["output_tokens_per_second"]["successful"]["mean"],
+        "requests_per_s": metrics["requests_per_second"]["successful"]["mean"],
+        "ttft_p50_s": ttft_ms["percentiles"]["p50"] / 1000 if ttft_ms.get("count") else None,
+        "num_completed": totals["successful"],
+        "num_errored": totals["errored"],
+        "num_incomplete": totals["incomplete"],
+        "num_output_tokens": num_output,
+        "num_prompt_tokens": metrics["prompt_token_count"]["successful"]["total_sum"],
+        "duration_s": bench["duration"],
+        "warmup_s": bench.get("warmup_duration"),
+        "cooldown_s": bench.get("cooldown_duration"),
+        # GuideLLM's duration starts when its scheduler starts, a poll interval or so before its
+        # first request leaves; this is the same tokens over first send -> last end, our definition.
+        "request_window_output_tokens_per_s": num_output / window_s if window_s else None,
+        "mean_concurrency": metrics["request_concurrency"]["successful"]["mean"],
+        "num_cached_tokens": sum(r["input_metrics"].get("cached_tokens") or 0 for r in done),
+        "num_created": state.get("created_requests"),
+        # Requests GuideLLM saw start but whose completion never reached its report (see _lost_updates).
+        "num_lost": state.get("processing_requests", 0) if state.get("end_processing_time") is None else 0,
+        "guidellm_version": report.get("metadata", {}).get("guidellm_version"),
+    }
+
+
+def run_guidellm(base_url: str, model_dir: str, *, model_name: str, num_requests: int, concurrency: int,
+                 prompt_tokens: int, output_tokens: int, out_dir: Path, timeout_s: float = 600.0,
+                 seed: int = 0, max_runs: int = 3) -> dict:
+    """Runs `guidellm run` (concurrent profile, a max-requests constraint) against `base_url` and
+    returns its throughput: output_tokens_per_s, requests_per_s, ttft_p50_s, raw_path, command, ...
+
+    The report is `out_dir/guidellm.json`, GuideLLM's console output `out_dir/guidellm.log`.
+
+    GuideLLM 0.8.1 has a shutdown race: its receiver thread sets the shutdown event in the callback
+    for the last completion *before* queueing that update, and a consumer whose poll times out in
+    between sees the event and stops, so the report lacks the last request although the server
+    answered it (`scheduler_state`: end_processing_time null, processing_requests 1, no errors). A
+    run that lost an update that way is run again, up to `max_runs` runs in all; `runs` says how
+    many it took and `lost_updates` how many requests the discarded runs lost."""
+    if not available():
+        raise GuideLLMError(f"GuideLLM is not installed at {guidellm_venv()}; `make bench-tools` installs it")
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report_path = out_dir / "guidellm.json"
+    log_path = out_dir / "guidellm.log"
+    lost = 0
+    for run in range(1, max_runs + 1):
+        # A new seed for a rerun: the same prompts again would find their prefixes in the server's cache.
+        command = guidellm_command(base_url, model_dir, model_name=model_name, num_requests=num_requests,
+                                   concurrency=concurrency, prompt_tokens=prompt_tokens,
+                                   output_tokens=output_tokens, report_path=report_path, seed=seed + run - 1)
+        report_path.unlink(missing_ok=True)
+        with open(log_path, "wb") as log:
+            try:
+                proc = subprocess.run(command, cwd=out_dir, env=_guidellm_env(), stdin=subprocess.DEVNULL,
+                                      stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                raise GuideLLMError(f"guidellm ran past {timeout_s:.0f} s; see {log_path}") from None
+        if proc.returncode != 0 or not report_path.exists():
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+            raise GuideLLMError(f"guidellm exited {proc.returncode} (report written: {report_path.exists()}); "
+                                f"last lines of {log_path}:\n{tail}")
+        result = parse_report(report_path)
+        if not result["num_lost"] or run == max_runs:
+            break
+        lost += result["num_lost"]
+        report_path.replace(out_dir / f"guidellm-lost-update-{run}.json")  # kept for a look
+    return {**result, "runs": run, "lost_updates": lost, "raw_path": str(report_path),
+            "log_path": str(log_path), "command": shlex.join(command)}
+
+
+# ---- our measurement: a small closed-loop client streaming /v1/completions -------------------------
+
+async def _one_request(client: httpx.AsyncClient, model_name: str, req: Any) -> RequestRecord:
+    body = {"model": model_name, "prompt": list(req.prompt_token_ids), "max_tokens": req.max_tokens,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    record = RequestRecord(req.request_id, len(req.prompt_token_ids), time.perf_counter())
+    usage: dict = {}
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                record.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return record
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[len("data:"):].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                now = time.perf_counter()
+                if any(choice.get("text") for choice in chunk.get("choices") or ()):
+                    record.token_times_s.append(now)
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        record.error = f"{type(e).__name__}: {e}"
+        return record
+    record.end_s = time.perf_counter()
+    # The server's count is the truth: tokens that reached us in one chunk share its timestamp.
+    num_tokens = usage.get("completion_tokens", len(record.token_times_s))
+    if record.token_times_s and num_tokens > len(record.token_times_s):
+        record.token_times_s += [record.token_times_s[-1]] * (num_tokens - len(record.token_times_s))
+    record.num_cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    if not record.token_times_s:
+        record.error = "no output tokens"
+    return record
+
+
+async def _run_closed_loop(base_url: str, workload: Workload, model_name: str, timeout_s: float) -> dict:
+    pending = iter(workload.requests)
+    records: list[RequestRecord] = []
+    limits = httpx.Limits(max_connections=(workload.concurrency or 1) + 2)
+    async with httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout_s, limits=limits) as client:
+        async def stream() -> None:  # one closed-loop stream: next request as soon as the last one ends
+            for req in pending:
+                records.append(await _one_request(client, model_name, req))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(stream() for _ in range(workload.concurrency or 1)))
+        duration = time.perf_counter() - start
+    busy_s = sum(r.end_s - r.start_s for r in records if not r.error)
+    return {**summarize(records, duration), "mean_concurrency": busy_s / duration if duration > 0 else None}
+
+
+def reference_workload(*, num_requests: int, concurrency: int, prompt_tokens: int, output_tokens: int,
+                       vocab_size: int, seed: int = 0) -> Workload:
+    return random_workload("guidellm-check", num_requests=num_requests, prompt_len=(prompt_tokens, prompt_tokens),
+                           output_len=(output_tokens, output_tokens), vocab_size=vocab_size,
+                           concurrency=concurrency, seed=seed)
+
+
+def run_reference(base_url: str, model_dir: str | Path, *, model_name: str, num_requests: int, concurrency: int,
+                  prompt_tokens: int, output_tokens: int, seed: int = 0, timeout_s: float = 120.0) -> dict:
+    """Our measurement of the same workload: `concurrency` closed-loop streams over `num_requests`
+    random token-id prompts, ignore_eos, output tokens/s = completion tokens / wall time."""
+    vocab_size = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    workload = reference_workload(num_requests=num_requests, concurrency=concurrency, prompt_tokens=prompt_tokens,
+                                  output_tokens=output_tokens, vocab_size=vocab_size, seed=seed)
+    summary = asyncio.run(_run_closed_loop(base_url, workload, model_name, timeout_s))
+    return {**summary, "output_tokens_per_s": summary["output_throughput_tokens_per_s"],
+            "requests_per_s": summary["request_throughput_per_s"], "ttft_p50_s": summary["ttft_s"]["p50"]}
+
+
+def compare(ours: dict, theirs: dict, tolerance: float = TOLERANCE) -> dict:
+    ratio = theirs["output_tokens_per_s"] / ours["output_tokens_per_s"]
+    return {"ratio": ratio, "tolerance": tolerance, "within_tolerance": abs(ratio - 1) <= tolerance}
+
+
+# ---- a stack of our own on free ports ---------------------------------------------------------------
+
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(count: int) -> int:
+    """The first of `count` consecutive free loopback ports, below the ephemeral range."""
+    for _ in range(200):
+        base = random.randrange(20000, 32000)
+        if all(_port_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError("no block of free ports")
+
+
+def stack_config(run_dir: Path, model_dir: Path, *, num_workers: int = 2,
+                 worker_args: tuple[str, ...] = ("--num-threads", "1")):
+    """A StackConfig for every service on free ports (metrics included), logs under `run_dir`."""
+    from deploy.stack import StackConfig  # noqa: PLC0415 (grpc and friends only when a stack is wanted)
+
+    base = free_port_block(2 * num_workers + 6)
+    n = num_workers
+    return StackConfig(run_dir=Path(run_dir), model_dir=Path(model_dir), num_workers=n, worker_args=worker_args,
+                       worker_base_port=base, worker_base_metrics_port=base + n, scheduler_port=base + 2 * n,
+                       scheduler_metrics_port=base + 2 * n + 1, tokenizer_port=base + 2 * n + 2,
+                       http_port=base + 2 * n + 3, tokenizer_metrics_port=base + 2 * n + 4,
+                       grace_s=2.0, stop_grace_s=10.0)
+
+
+def served_model_name(base_url: str) -> str:
+    models = httpx.get(f"{base_url.rstrip('/')}/v1/models", timeout=10).json()["data"]
+    return models[0]["id"]
+
+
+def _bracket(before: dict, after: dict) -> dict:
+    """Our two runs around GuideLLM's as one measurement: their mean, and how far apart they were."""
+    def mean(key: str) -> float | None:
+        values = [run[key] for run in (before, after) if run[key] is not None]
+        return sum(values) / len(values) if values else None
+
+    tok_s = mean("output_tokens_per_s")
+    return {"output_tokens_per_s": tok_s, "requests_per_s": mean("requests_per_s"), "ttft_p50_s": mean("ttft_p50_s"),
+            "num_requests": before["num_requests"],
+            "num_completed": min(before["num_completed"], after["num_completed"]),
+            "spread": abs(before["output_tokens_per_s"] - after["output_tokens_per_s"]) / tok_s,
+            "before": before, "after": after}
+
+
+def check(base_url: str, model_dir: Path, *, num_requests: int, concurrency: int, prompt_tokens: int,
+          output_tokens: int, out_dir: Path, model_name: str | None = None, warmup_requests: int | None = None,
+          seed: int = 0, tolerance: float = TOLERANCE, max_rounds: int = 3) -> dict:
+    """Warms the server up, then measures the workload in rounds of ours, GuideLLM's, ours again.
+
+    GuideLLM is compared with the mean of the two runs around it, which cancels a slow drift of the
+    machine's speed. When those two disagree with each other by more than `tolerance`, the machine
+    was too noisy for the round to say anything (a 2-core box shared with other work), so it is
+    repeated, up to `max_rounds`; the first steady round, or else the last, is the result, and
+    `rounds` lists them all."""
+    model_name = model_name or served_model_name(base_url)
+    workload = dict(num_requests=num_requests, concurrency=concurrency, prompt_tokens=prompt_tokens,
+                    output_tokens=output_tokens)
+    warmup = warmup_requests if warmup_requests is not None else 2 * concurrency
+    if warmup:
+        run_reference(base_url, model_dir, model_name=model_name, **{**workload, "num_requests": warmup},
+                      seed=seed + 9999)
+    rounds: list[dict] = []
+    for index in range(max_rounds):
+        # Every run its own seed, so no run finds its prompts' prefixes cached by an earlier one: cache
+        # hits save prefill and steer the cache-aware router, which would favour whichever ran second.
+        base_seed = seed + 10 * index
+        before = run_reference(base_url, model_dir, model_name=model_name, **workload, seed=base_seed + 1)
+        theirs = run_guidellm(base_url, str(model_dir), model_name=model_name, **workload,
+                              out_dir=Path(out_dir) / f"round-{index + 1}", seed=base_seed + 5)
+        after = run_reference(base_url, model_dir, model_name=model_name, **workload, seed=base_seed + 2)
+        ours = _bracket(before, after)
+        rounds.append({"ours": ours, "guidellm": theirs, "steady": ours["spread"] <= tolerance,
+                       **compare(ours, theirs, tolerance)})
+        if rounds[-1]["steady"]:
+            break
+    final = rounds[-1]
+    result = {"workload": workload, "base_url": base_url, "model": model_name, **final,
+              "rounds": [{k: r[k] for k in ("ratio", "within_tolerance", "steady")} |
+                         {"ours_tok_s": r["ours"]["output_tokens_per_s"],
+                          "guidellm_tok_s": r["guidellm"]["output_tokens_per_s"], "spread": r["ours"]["spread"]}
+                         for r in rounds]}
+    (Path(out_dir) / "comparison.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _fmt(x: float | None, unit: str = "") -> str:
+    return "-" if x is None else f"{x:.2f}{unit}"
+
+
+def report_lines(result: dict) -> list[str]:
+    ours, theirs = result["ours"], result["guidellm"]
+    w = result["workload"]
+
+    def row(name: str, run: dict) -> str:
+        ttft = run["ttft_p50_s"] and run["ttft_p50_s"] * 1000
+        return (f"{name:16} {_fmt(run['output_tokens_per_s']):>13} {_fmt(run['requests_per_s']):>11} "
+                f"{_fmt(ttft, ' ms'):>10} {run['num_completed']:>6}/{w['num_requests']}")
+
+    return [
+        f"workload: {w['num_requests']} requests, concurrency {w['concurrency']}, "
+        f"{w['prompt_tokens']} prompt / {w['output_tokens']} output tokens, model {result['model']} "
+        f"at {result['base_url']}",
+        f"guidellm command: {theirs['command']}",
+        f"{'':16} {'output tok/s':>13} {'requests/s':>11} {'TTFT p50':>10} {'completed':>10}",
+        row("ours (before)", ours["before"]),
+        row("guidellm", theirs),
+        row("ours (after)", ours["after"]),
+        f"ours = mean of before/after: {_fmt(ours['output_tokens_per_s'])} output tok/s "
+        f"(they differ by {ours['spread']:.1%}; round {len(result['rounds'])}, "
+        f"{'steady' if result['steady'] else 'noisy'})",
+        f"ratio guidellm/ours (output tokens/s): {result['ratio']:.3f} "
+        f"({'within' if result['within_tolerance'] else 'OUTSIDE'} ±{result['tolerance']:.0%})",
+        f"guidellm report: {theirs['raw_path']} (duration {theirs['duration_s']:.2f} s)",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.guidellm_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model directory (tokenizer, config)")
+    parser.add_argument("--base-url", help="measure this running server instead of starting a stack")
+    parser.add_argument("--model-name", help="served model name (default: the first of /v1/models)")
+    parser.add_argument("--workers", type=int, default=2, help="workers of the stack it starts")
+    parser.add_argument("--worker-args", default="--num-threads 1", help="extra worker flags of that stack")
+    parser.add_argument("--out-dir", type=Path, help=f"where reports go (default: under {RESULTS_DIR})")
+    args = parser.parse_args(argv)
+    if not available():
+        print(f"GuideLLM is not installed at {guidellm_venv()}: run `make bench-tools` "
+              "(or point GUIDELLM_VENV at a virtualenv with guidellm 0.8.1)", file=sys.stderr)
+        return 2
+    out_dir = args.out_dir or RESULTS_DIR / time.strftime("guidellm-%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workload = dict(num_requests=args.num_requests, concurrency=args.concurrency,
+                    prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens)
+    if args.base_url:
+        result = check(args.base_url, args.model, **workload, out_dir=out_dir, model_name=args.model_name)
+    else:
+        from deploy.stack import start_stack, stop_stack  # noqa: PLC0415
+
+        run_dir = Path(tempfile.mkdtemp(prefix="guidellm-stack-", dir=out_dir))
+        config = stack_config(run_dir, args.model, num_workers=args.workers,
+                              worker_args=tuple(shlex.split(args.worker_args)))
+        stack = start_stack(config)
+        try:
+            result = check(stack.http_url, args.model, **workload, out_dir=out_dir, model_name=args.model_name)
+        finally:
+            stop_stack(run_dir, grace_s=5.0, quiet=True)
+    print("\n".join(report_lines(result)))
+    return 0 if result["within_tolerance"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

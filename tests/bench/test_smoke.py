@@ -1,0 +1,76 @@
+"""The benchmark harness still runs end to end: `python -m bench.run --quick` for three scenarios
+(stack vs in-process engine, null-model TTFT, shared-prefix routing) writes every result file with
+sane numbers. It checks no speed target: benchmarks measure, tests check behaviour."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy.stack import REPO_ROOT
+
+pytestmark = pytest.mark.e2e
+
+SCENARIOS = ("tiny_stack_vs_engine", "null_ttft", "shared_prefix")
+REQUIRED_RUNS = {"tiny_stack_vs_engine": {"stack", "in_process"}, "null_ttft": {"stack", "in_process"},
+                 "shared_prefix": {"cache_aware", "round_robin"}}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--scenarios", "b,c,d", "--out", str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"bench.run exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return out, json.loads((out / "latest.json").read_text())
+
+
+def test_writes_every_file(results: tuple[Path, dict]) -> None:
+    out, _ = results
+    for name in ("throughput_vs_concurrency.png", "ttft_cdf.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    markdown = (out / "latest.md").read_text()
+    assert "## Targets" in markdown
+    for name in SCENARIOS:
+        assert f"## {name}" in markdown
+
+
+def test_records_the_machine(results: tuple[Path, dict]) -> None:
+    _, data = results
+    machine = data["machine"]
+    assert data["quick"] is True
+    assert machine["num_cores"] >= 1 and machine["torch_version"] and machine["python"] and machine["cpu_model"]
+
+
+def test_every_scenario_ran_with_sane_numbers(results: tuple[Path, dict]) -> None:
+    _, data = results
+    scenarios = {s["name"]: s for s in data["scenarios"]}
+    assert tuple(scenarios) == SCENARIOS
+    for name, scenario in scenarios.items():
+        assert scenario["error"] == "", (name, scenario["error"])
+        assert REQUIRED_RUNS[name] <= set(scenario["runs"]), (name, scenario["skipped"])
+        workload = scenario["config"]["workload"]
+        output_len = workload["output_len"]  # quick mode: fixed lengths, a [low, high] pair or one number
+        expected_tokens = workload["num_requests"] * (output_len if isinstance(output_len, int) else output_len[0])
+        for key, run in scenario["runs"].items():
+            where = f"{name}/{key}"
+            assert run["num_completed"] == run["num_requests"] == workload["num_requests"], (where, run["errors"])
+            assert run["num_output_tokens"] == expected_tokens, where
+            assert run["output_throughput_tokens_per_s"] > 0, where
+            assert 0 < run["ttft_s"]["p50"] <= run["e2e_s"]["p50"], where
+            assert len(run["ttft_samples_s"]) == workload["num_requests"], where
+        for target in scenario["targets"]:
+            assert target["status"] in ("PASS", "FAIL", "SKIP"), target
+
+
+def test_shared_prefix_reports_prefix_hits(results: tuple[Path, dict]) -> None:
+    _, data = results
+    scenario = next(s for s in data["scenarios"] if s["name"] == "shared_prefix")
+    for run in scenario["runs"].values():
+        assert 0 < run["prefix_hit_rate"] <= 1
+        assert 0 < run["max_prefix_hit_rate"] < 1
+        assert [w["up"] for w in run["workers"]] == [True, True]
