@@ -66,8 +66,21 @@ _lock = threading.Lock()
 _telemetry: Telemetry | None = None
 
 
-def setup_telemetry(service_name: str) -> Telemetry:
-    """Configures tracing for this process once; later calls return the same handle."""
+def tracing_wanted(exporting: bool) -> bool:
+    """`SWITCHYARD_TRACING`: "auto" (default) traces only when spans are exported, so a process
+    without a collector pays nothing (no gRPC instrumentation, no-op spans); "on" traces anyway
+    (trace ids in logs), "off" never does."""
+    mode = os.environ.get("SWITCHYARD_TRACING", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"SWITCHYARD_TRACING must be auto, on or off, got {mode!r}")
+    return exporting if mode == "auto" else mode == "on"
+
+
+def setup_telemetry(service_name: str, *, enabled: bool | None = None) -> Telemetry:
+    """Configures tracing for this process once; later calls return the same handle.
+
+    `enabled` overrides `SWITCHYARD_TRACING`; a disabled process keeps OpenTelemetry's no-op
+    tracer, so span calls in the services cost next to nothing and nothing is exported."""
     global _telemetry
     with _lock:
         if _telemetry is not None:
@@ -79,6 +92,10 @@ def setup_telemetry(service_name: str) -> Telemetry:
             return _telemetry
         provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
         exporting = any(os.environ.get(name) for name in _ENDPOINT_VARS)
+        if not (tracing_wanted(exporting) if enabled is None else enabled):
+            _telemetry = Telemetry(service_name=service_name, tracer_provider=provider, exporting=False)
+            logger.info("telemetry for %s: tracing off (no OTLP endpoint)", service_name)
+            return _telemetry
         if exporting:
             # Imported here so a process without an endpoint never loads the exporter's stack.
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter

@@ -17,7 +17,7 @@ from bench import guidellm_check as gc
 from deploy.stack import Stack, start_stack, stop_stack
 from tests.deploy.test_stack import make_config
 
-NUM_REQUESTS, CONCURRENCY, PROMPT_TOKENS, OUTPUT_TOKENS = 16, 4, 32, 32
+NUM_REQUESTS, CONCURRENCY, PROMPT_TOKENS, OUTPUT_TOKENS = 32, 4, 32, 32
 
 needs_guidellm = pytest.mark.skipif(
     not gc.available(),

@@ -31,9 +31,9 @@ from .conftest import Probe, method
 def test_setup_is_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
-    first = setup_telemetry("switchyard-test")
-    assert setup_telemetry("switchyard-test") is first
-    assert setup_telemetry("another") is first
+    first = setup_telemetry("switchyard-test", enabled=True)
+    assert setup_telemetry("switchyard-test", enabled=True) is first
+    assert setup_telemetry("another", enabled=True) is first
     assert trace.get_tracer_provider() is first.tracer_provider
     first.shutdown()  # a flush; tracing keeps working afterwards
     assert current_trace_id() is None
@@ -42,7 +42,7 @@ def test_setup_is_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_trace_id_travels_to_server_logs(probe: Probe, caplog: pytest.LogCaptureFixture) -> None:
-    telemetry = setup_telemetry("switchyard-test")
+    telemetry = setup_telemetry("switchyard-test", enabled=True)
     caplog.set_level(logging.ERROR, logger="shared.errors")
     # Created after setup so that the instrumented grpc.aio factories are used on both sides.
     server = GrpcServer(service_name="probe", register=probe.register, address="127.0.0.1:0", grace_s=0)
