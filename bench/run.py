@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import traceback
@@ -71,7 +72,12 @@ def run_scenario(name: str, options: Options) -> ScenarioResult:
     return result
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so a SIGTERM also stops the stacks a scenario started
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     args = parse_args(argv)
     options = Options(quick=args.quick)
     results = [run_scenario(name, options) for name in args.names]
