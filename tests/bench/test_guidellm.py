@@ -3,6 +3,12 @@
 GuideLLM lives in its own virtualenv (`make bench-tools`); without it the end-to-end test is skipped,
 naming the command that installs it. The helpers that need no GuideLLM (its command line, reading its
 report, finding its virtualenv) are tested either way.
+
+The workload is 32 requests of 32 prompt / 64 output tokens at concurrency 4: about 5 s a run on the
+tiny model, long enough that start and tail effects stay small beside 10%. The throughput check is
+judged on a steady round (bench.guidellm_check.check): on a 2-core machine busy with other work, two
+runs of our own client alone differ by 20-40%, and no 10% comparison means anything then; such a
+run reports the numbers and skips that one assertion, never the completeness ones.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from bench import guidellm_check as gc
 from deploy.stack import Stack, start_stack, stop_stack
 from tests.deploy.test_stack import make_config
 
-NUM_REQUESTS, CONCURRENCY, PROMPT_TOKENS, OUTPUT_TOKENS = 32, 4, 32, 32
+NUM_REQUESTS, CONCURRENCY, PROMPT_TOKENS, OUTPUT_TOKENS = 32, 4, 32, 64
 
 needs_guidellm = pytest.mark.skipif(
     not gc.available(),
@@ -108,4 +114,7 @@ def test_guidellm_throughput_agrees_with_ours(stack: Stack, tiny_model_dir: Path
     for run in (ours["before"], ours["after"]):
         assert run["num_completed"] == NUM_REQUESTS and run["num_output_tokens"] == NUM_REQUESTS * OUTPUT_TOKENS
     assert Path(theirs["raw_path"]).is_file() and "guidellm" in theirs["command"]
+    if not result["steady"]:  # judged only on a round the machine let us measure (see gc.check)
+        pytest.skip("throughput not compared: no steady round (other work on the machine, or our own two runs "
+                    f"apart by more than {gc.TOLERANCE / 2:.0%}): {result['rounds']}\n{report}")
     assert result["within_tolerance"], report
