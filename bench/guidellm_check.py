@@ -343,6 +343,8 @@ def check(base_url: str, model_dir: Path, *, num_requests: int, concurrency: int
     result = {"workload": workload, "base_url": base_url, "model": model_name, **final,
               "rounds": [{k: r[k] for k in ("round", "ratio", "within_tolerance", "steady", "other_load_cores")} |
                          {"ours_tok_s": r["ours"]["output_tokens_per_s"],
+                          "ours_before_tok_s": r["ours"]["before"]["output_tokens_per_s"],
+                          "ours_after_tok_s": r["ours"]["after"]["output_tokens_per_s"],
                           "guidellm_tok_s": r["guidellm"]["output_tokens_per_s"], "spread": r["ours"]["spread"]}
                          for r in rounds]}
     (Path(out_dir) / "comparison.json").write_text(json.dumps(result, indent=1))
