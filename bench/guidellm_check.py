@@ -21,15 +21,22 @@ Both sides use the same definitions, so the numbers compare like with like:
   last one finished. GuideLLM's `output_tokens_per_second.successful.mean` is exactly that (its
   rate distribution is time-weighted over the benchmark's duration).
 
-Two things had to be aligned beyond the definitions. Prompts: every run (ours or GuideLLM's) gets
-its own seed, or a run would find the previous run's prompt prefixes in the server's prefix cache,
-skip that prefill and be routed differently. Client load: by default GuideLLM's data-loader process
-keeps generating thousands of prompts during the benchmark, CPU taken from the server on a 2-core
-box; `--data-loader kind=pytorch,samples=N` makes the N prompts before the clock starts, as ours does.
+Beyond the definitions, three differences in what the server was asked to do, or had left to do it
+with, were found and removed:
 
-What is left is GuideLLM's own cost per request: a few milliseconds between a stream's response and
-its next request (a queue hop to a worker process, then building the request), which makes the
-server run a few more single-sequence steps; on the tiny model that is typically 2-6% below ours.
+- Sampling: ours is greedy (temperature 0); GuideLLM sends no temperature, so the server sampled at
+  its default of 1, which costs the worker more per step than argmax. `extras.body.temperature=0` in
+  its backend options adds the field to every request body.
+- Prompts: every run (ours or GuideLLM's) gets its own seed, or a run would find the previous run's
+  prompt prefixes in the server's prefix cache, skip that prefill and be routed differently.
+- Client load: by default GuideLLM's data-loader process keeps generating thousands of prompts
+  during the benchmark, CPU taken from the server on a 2-core box; `--data-loader
+  kind=pytorch,samples=N` makes the N prompts before the clock starts, as ours does.
+
+The stack it starts has one worker: two single-threaded workers, the scheduler, the front door and
+a client oversubscribe 2 cores, and then consecutive runs of our own client alone differ by 30%.
+What is left is the machine: on a shared 2-core virtual machine the workers' step time swings by
+10-20% between runs whoever the client is, so `check` judges only steady rounds (see there).
 
 `python -m bench.guidellm_check` starts a stack on free ports, warms it up, runs both and prints the
 two numbers and their ratio (`--base-url` measures a running server instead).
@@ -89,8 +96,11 @@ def guidellm_command(base_url: str, model_dir: str | Path, *, model_name: str, n
     """The `guidellm run` command line for one closed-loop benchmark of the HTTP API at `base_url`."""
     return [
         str(guidellm_bin()), "run",
+        # extras.body: fields added to every request body. temperature 0 makes it greedy like ours
+        # (bench.clients.run_http); GuideLLM sends none, and the server's default of 1 samples, which
+        # costs the worker more per step than argmax. max_tokens and ignore_eos it sets by itself.
         "--backend", f"kind=openai_http,target={base_url.rstrip('/')},model={model_name},"
-                     "request_format=/v1/completions",
+                     "request_format=/v1/completions,extras.body.temperature=0",
         "--profile", f"kind=concurrent,streams={concurrency}",
         "--constraint", f"kind=max_requests,count={num_requests}",
         "--tokenizer", f"kind=huggingface_auto,model={Path(model_dir).absolute()}",
@@ -263,6 +273,11 @@ def stack_config(run_dir: Path, model_dir: Path, *, num_workers: int = 2,
                        grace_s=2.0, stop_grace_s=10.0)
 
 
+def worker_metrics_urls(stack: Any) -> list[str]:
+    """The /metrics URLs of a `deploy.stack.Stack`'s workers."""
+    return [url for name, url in stack.metrics_urls.items() if name.startswith("worker")]
+
+
 def served_model_name(base_url: str) -> str:
     models = httpx.get(f"{base_url.rstrip('/')}/v1/models", timeout=10).json()["data"]
     return models[0]["id"]
@@ -303,18 +318,52 @@ def machine_busy_cores(seconds: float = 1.0) -> float | None:
     return (total - d[3] - d[4]) / total * (os.cpu_count() or 1) if total > 0 else None
 
 
+def worker_step_totals(metrics_urls: list[str]) -> tuple[float, float] | None:
+    """(steps, seconds spent in them) summed over the workers' `switchyard_step_duration_seconds`;
+    None without metrics URLs or when a scrape fails."""
+    if not metrics_urls:
+        return None
+    count = total = 0.0
+    try:
+        for url in metrics_urls:
+            for line in httpx.get(url, timeout=10).text.splitlines():
+                name = line.split("{", 1)[0].split(" ", 1)[0]
+                if name == "switchyard_step_duration_seconds_count":
+                    count += float(line.rsplit(" ", 1)[1])
+                elif name == "switchyard_step_duration_seconds_sum":
+                    total += float(line.rsplit(" ", 1)[1])
+    except (httpx.HTTPError, ValueError):
+        return None
+    return count, total
+
+
+def _step_ms(a: tuple[float, float] | None, b: tuple[float, float] | None) -> float | None:
+    """Mean worker step time between two `worker_step_totals` readings, in milliseconds."""
+    if a is None or b is None or b[0] <= a[0]:
+        return None
+    return 1000 * (b[1] - a[1]) / (b[0] - a[0])
+
+
 def check(base_url: str, model_dir: Path, *, num_requests: int, concurrency: int, prompt_tokens: int,
           output_tokens: int, out_dir: Path, model_name: str | None = None, warmup_requests: int | None = None,
-          seed: int = 0, tolerance: float = TOLERANCE, max_rounds: int = 3) -> dict:
+          seed: int = 0, tolerance: float = TOLERANCE, max_rounds: int = 3,
+          worker_metrics_urls: list[str] | None = None) -> dict:
     """Warms the server up, then measures the workload in rounds of ours, GuideLLM's, ours again.
 
     GuideLLM is compared with the mean of our two runs around it, which cancels a steady drift of
-    the machine's speed. A round is steady when those two runs differ by at most half the tolerance
-    and the machine was quiet (under BUSY_LIMIT_CORES) just before and just after it, while our
-    stack idled; else other work on the (2-core) machine could account for a 10% difference, and
-    another round is run, up to `max_rounds`. The result is the first steady round, or else the
-    round with the median ratio, with `steady` false; `rounds` lists them all."""
+    the machine's speed. A round is steady when nothing but the clients can account for a 10%
+    difference: the machine was quiet (other work under BUSY_LIMIT_CORES) just before and just
+    after the round while our stack idled, and the server ran at the same speed for both clients.
+    Given the workers' metrics URLs, that is the workers' mean step time (model forward and
+    sampling): within half the tolerance between GuideLLM's run and ours, with our two runs within
+    the tolerance of each other. Both clients make the same steps (same batches, greedy), so a
+    slower step is a slower CPU, not a different client; on a shared 2-core virtual machine it swings
+    by 10-20% from one run to the next, and throughput with it. Without metrics, our two runs must
+    be within half the tolerance. An unsteady round is followed by another, up to `max_rounds`; the
+    result is the first steady round, or else the round with the median ratio with `steady` false;
+    `rounds` lists them all."""
     model_name = model_name or served_model_name(base_url)
+    metrics = list(worker_metrics_urls or ())
     workload = dict(num_requests=num_requests, concurrency=concurrency, prompt_tokens=prompt_tokens,
                     output_tokens=output_tokens)
     warmup = warmup_requests if warmup_requests is not None else 2 * concurrency
@@ -327,21 +376,39 @@ def check(base_url: str, model_dir: Path, *, num_requests: int, concurrency: int
         # hits save prefill and steer the cache-aware router, which would favour whichever ran second.
         base_seed = seed + 10 * index
         busy_before = machine_busy_cores()
+        steps = [worker_step_totals(metrics)]
         before = run_reference(base_url, model_dir, model_name=model_name, **workload, seed=base_seed + 1)
+        steps.append(worker_step_totals(metrics))
         theirs = run_guidellm(base_url, str(model_dir), model_name=model_name, **workload,
                               out_dir=Path(out_dir) / f"round-{index + 1}", seed=base_seed + 5)
+        steps.append(worker_step_totals(metrics))
         after = run_reference(base_url, model_dir, model_name=model_name, **workload, seed=base_seed + 2)
+        steps.append(worker_step_totals(metrics))
         busy_after = machine_busy_cores()
         ours = _bracket(before, after)
         other_load = max((x for x in (busy_before, busy_after) if x is not None), default=0.0)
+        step_ms = {"ours_before": _step_ms(steps[0], steps[1]), "guidellm": _step_ms(steps[1], steps[2]),
+                   "ours_after": _step_ms(steps[2], steps[3])}
+        ours_step = [x for x in (step_ms["ours_before"], step_ms["ours_after"]) if x is not None]
+        step_drift = (abs(step_ms["guidellm"] / (sum(ours_step) / len(ours_step)) - 1)
+                      if step_ms["guidellm"] is not None and ours_step else None)
+        steady = other_load <= BUSY_LIMIT_CORES and (
+            ours["spread"] <= tolerance / 2 if step_drift is None
+            else ours["spread"] <= tolerance and step_drift <= tolerance / 2)
+        compared = compare(ours, theirs, tolerance)
+        # For a reader, not for the verdict: the ratio had the server run as fast for GuideLLM as for
+        # us (throughput scales with 1 / step time at the same batches).
+        adjusted = (compared["ratio"] * step_ms["guidellm"] / (sum(ours_step) / len(ours_step))
+                    if step_drift is not None else None)
         rounds.append({"round": index + 1, "ours": ours, "guidellm": theirs, "other_load_cores": other_load,
-                       "steady": ours["spread"] <= tolerance / 2 and other_load <= BUSY_LIMIT_CORES,
-                       **compare(ours, theirs, tolerance)})
-        if rounds[-1]["steady"]:
+                       "step_ms": step_ms, "step_drift": step_drift, "speed_adjusted_ratio": adjusted,
+                       "steady": steady, **compared})
+        if steady:
             break
     final = rounds[-1] if rounds[-1]["steady"] else sorted(rounds, key=lambda r: r["ratio"])[(len(rounds) - 1) // 2]
     result = {"workload": workload, "base_url": base_url, "model": model_name, **final,
-              "rounds": [{k: r[k] for k in ("round", "ratio", "within_tolerance", "steady", "other_load_cores")} |
+              "rounds": [{k: r[k] for k in ("round", "ratio", "within_tolerance", "steady", "other_load_cores",
+                                            "step_ms", "step_drift", "speed_adjusted_ratio")} |
                          {"ours_tok_s": r["ours"]["output_tokens_per_s"],
                           "ours_before_tok_s": r["ours"]["before"]["output_tokens_per_s"],
                           "ours_after_tok_s": r["ours"]["after"]["output_tokens_per_s"],
@@ -377,12 +444,14 @@ def report_lines(result: dict) -> list[str]:
         f"(they differ by {ours['spread']:.1%}, other work {result['other_load_cores']:.2f} cores: "
         f"round {result['round']} of {len(result['rounds'])}, "
         f"{'steady' if result['steady'] else 'none steady: the median ratio'})",
+        "worker step time (ms): " + ", ".join(f"{k} {_fmt(v)}" for k, v in result["step_ms"].items())
+        + f"; ratio at equal server speed {_fmt(result['speed_adjusted_ratio'])}",
         f"ratio guidellm/ours (output tokens/s): {result['ratio']:.3f} "
         f"({'within' if result['within_tolerance'] else 'OUTSIDE'} ±{result['tolerance']:.0%})",
         f"guidellm report: {theirs['raw_path']} (duration {theirs['duration_s']:.2f} s)",
     ] + ([] if result["steady"] else [
-        "NOT CONCLUSIVE: no round was steady (other work on the machine, or our own two runs apart by more "
-        f"than {result['tolerance'] / 2:.0%}); rerun on a quiet machine"])
+        "NOT CONCLUSIVE: no round was steady (other work on the machine, or the server's speed changed "
+        "between the runs: see step times); rerun on a quiet machine"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,7 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model directory (tokenizer, config)")
     parser.add_argument("--base-url", help="measure this running server instead of starting a stack")
     parser.add_argument("--model-name", help="served model name (default: the first of /v1/models)")
-    parser.add_argument("--workers", type=int, default=2, help="workers of the stack it starts")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="workers of the stack it starts (one: two single-threaded workers plus the "
+                             "scheduler, the front door and a client oversubscribe 2 cores, and runs swing)")
     parser.add_argument("--worker-args", default="--num-threads 1", help="extra worker flags of that stack")
     parser.add_argument("--out-dir", type=Path, help=f"where reports go (default: under {RESULTS_DIR})")
     args = parser.parse_args(argv)
@@ -416,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
                               worker_args=tuple(shlex.split(args.worker_args)))
         stack = start_stack(config)
         try:
-            result = check(stack.http_url, args.model, **workload, out_dir=out_dir, model_name=args.model_name)
+            result = check(stack.http_url, args.model, **workload, out_dir=out_dir, model_name=args.model_name,
+                           worker_metrics_urls=worker_metrics_urls(stack))
         finally:
             stop_stack(run_dir, grace_s=5.0, quiet=True)
     print("\n".join(report_lines(result)))

@@ -6,9 +6,9 @@ report, finding its virtualenv) are tested either way.
 
 The workload is 32 requests of 32 prompt / 64 output tokens at concurrency 4: about 5 s a run on the
 tiny model, long enough that start and tail effects stay small beside 10%. The throughput check is
-judged on a steady round (bench.guidellm_check.check): on a 2-core machine busy with other work, two
-runs of our own client alone differ by 20-40%, and no 10% comparison means anything then; such a
-run reports the numbers and skips that one assertion, never the completeness ones.
+judged on a steady round (bench.guidellm_check.check): on a 2-core virtual machine shared with other
+work, the workers' step time swings by 20% from one run to the next, and no 10% comparison means
+anything then; such a run reports the numbers and skips that one assertion, never the others.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def test_command_is_local_synthetic_and_closed_loop(tmp_path: Path) -> None:
     args = dict(zip(cmd[2::2], cmd[3::2]))
     assert cmd[1] == "run"
     assert args["--backend"] == ("kind=openai_http,target=http://127.0.0.1:8000,model=tiny-llama,"
-                                 "request_format=/v1/completions")
+                                 "request_format=/v1/completions,extras.body.temperature=0")
     assert args["--profile"] == "kind=concurrent,streams=4"
     assert args["--constraint"] == "kind=max_requests,count=16"
     # The tokenizer is the local directory (never a hub id) and the data is made up, not downloaded.
@@ -91,8 +91,10 @@ def test_parse_report_reads_throughput_and_spots_a_lost_update(tmp_path: Path) -
 
 @pytest.fixture(scope="module")
 def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # One worker: two single-threaded workers, the scheduler, the front door and the client would
+    # oversubscribe a 2-core machine, and consecutive runs of our own client alone would swing by 30%.
     config = make_config(tmp_path_factory.mktemp("run"), tiny_model_dir,
-                         services=("worker", "scheduler", "tokenizer"))
+                         services=("worker", "scheduler", "tokenizer"), num_workers=1)
     running = start_stack(config)
     yield running
     stop_stack(config.run_dir, grace_s=5.0, quiet=True)
@@ -104,7 +106,8 @@ def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 def test_guidellm_throughput_agrees_with_ours(stack: Stack, tiny_model_dir: Path, tmp_path: Path) -> None:
     assert stack.http_url
     result = gc.check(stack.http_url, tiny_model_dir, num_requests=NUM_REQUESTS, concurrency=CONCURRENCY,
-                      prompt_tokens=PROMPT_TOKENS, output_tokens=OUTPUT_TOKENS, out_dir=tmp_path)
+                      prompt_tokens=PROMPT_TOKENS, output_tokens=OUTPUT_TOKENS, out_dir=tmp_path,
+                      worker_metrics_urls=gc.worker_metrics_urls(stack), max_rounds=4)
     report = "\n".join(gc.report_lines(result))
     theirs, ours = result["guidellm"], result["ours"]
     # GuideLLM ran every request to its full length against the unchanged API (ignore_eos reached us).
@@ -115,6 +118,7 @@ def test_guidellm_throughput_agrees_with_ours(stack: Stack, tiny_model_dir: Path
         assert run["num_completed"] == NUM_REQUESTS and run["num_output_tokens"] == NUM_REQUESTS * OUTPUT_TOKENS
     assert Path(theirs["raw_path"]).is_file() and "guidellm" in theirs["command"]
     if not result["steady"]:  # judged only on a round the machine let us measure (see gc.check)
-        pytest.skip("throughput not compared: no steady round (other work on the machine, or our own two runs "
-                    f"apart by more than {gc.TOLERANCE / 2:.0%}): {result['rounds']}\n{report}")
+        pytest.skip("throughput not compared: no steady round (other work on the machine, or the server's speed "
+                    "changed between the runs: see the workers' step times): "
+                    f"{result['rounds']}\n{report}")
     assert result["within_tolerance"], report
