@@ -8,14 +8,13 @@ refusal names the field, as DESIGN.md's error table requires.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from services.scheduler.request import Request, WorkerSampling
 from shared.errors import InvalidArgument
+from shared.sampling_rules import check_sampling_scalars
 
 DEFAULT_MAX_TOKENS = 16
-MAX_NUM_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -61,28 +60,9 @@ def _check(ok: bool, field: str, message: str) -> None:
         raise InvalidArgument(message, field=field)
 
 
-def _finite(value: float | None) -> bool:
-    return value is None or math.isfinite(value)
-
-
 def resolve_sampling(s: ClientSampling, vocab_size: int) -> tuple[WorkerSampling, int]:
     """Validates the client's sampling fields; returns the worker's sampling and max_tokens."""
-    _check(s.max_tokens is None or s.max_tokens >= 1, "sampling.max_tokens", f"must be >= 1, got {s.max_tokens}")
-    _check(_finite(s.temperature) and (s.temperature is None or s.temperature >= 0),
-           "sampling.temperature", f"must be a finite number >= 0, got {s.temperature}")
-    _check(s.top_k is None or s.top_k >= 0, "sampling.top_k", f"must be >= 0 (0 disables), got {s.top_k}")
-    _check(_finite(s.top_p) and (s.top_p is None or 0 < s.top_p <= 1),
-           "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
-    _check(_finite(s.min_p) and (s.min_p is None or 0 <= s.min_p <= 1),
-           "sampling.min_p", f"must be in [0, 1], got {s.min_p}")
-    _check(_finite(s.repetition_penalty) and (s.repetition_penalty is None or s.repetition_penalty > 0),
-           "sampling.repetition_penalty", f"must be > 0, got {s.repetition_penalty}")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(s, name)
-        _check(_finite(value) and (value is None or -2 <= value <= 2),
-               f"sampling.{name}", f"must be in [-2, 2], got {value}")
-    _check(s.logprobs is None or 0 <= s.logprobs <= MAX_NUM_LOGPROBS,
-           "sampling.logprobs", f"must be in [0, {MAX_NUM_LOGPROBS}], got {s.logprobs}")
+    check_sampling_scalars(s)
     bad_stop = [t for t in s.stop_token_ids if not 0 <= t < vocab_size]
     _check(not bad_stop, "sampling.stop_token_ids", f"ids must be in [0, {vocab_size}), got {bad_stop[:5]}")
     sampling = WorkerSampling(

@@ -6,14 +6,13 @@ gets the same message whichever door it used.
 
 from __future__ import annotations
 
-import math
 
 from services.tokenizer.api_types import GenerateInput, SamplingInput
 from shared.errors import InvalidArgument
+from shared.sampling_rules import check_sampling_scalars
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
-MAX_NUM_LOGPROBS = 20
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -22,27 +21,8 @@ def _require(ok: bool, field: str, message: str) -> None:
         raise InvalidArgument(message, field=field)
 
 
-def _finite_or_none(value: float | None) -> bool:
-    return value is None or math.isfinite(value)
-
-
 def validate_sampling(s: SamplingInput) -> None:
-    _require(s.max_tokens is None or s.max_tokens >= 1, "sampling.max_tokens", f"must be >= 1, got {s.max_tokens}")
-    _require(_finite_or_none(s.temperature) and (s.temperature is None or s.temperature >= 0),
-             "sampling.temperature", f"must be >= 0, got {s.temperature}")
-    _require(_finite_or_none(s.top_p) and (s.top_p is None or 0 < s.top_p <= 1),
-             "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
-    _require(s.top_k is None or s.top_k >= 0, "sampling.top_k", f"must be >= 0 (0 disables), got {s.top_k}")
-    _require(_finite_or_none(s.min_p) and (s.min_p is None or 0 <= s.min_p <= 1),
-             "sampling.min_p", f"must be in [0, 1], got {s.min_p}")
-    _require(_finite_or_none(s.repetition_penalty) and (s.repetition_penalty is None or s.repetition_penalty > 0),
-             "sampling.repetition_penalty", f"must be > 0, got {s.repetition_penalty}")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(s, name)
-        _require(_finite_or_none(value) and (value is None or -2 <= value <= 2),
-                 f"sampling.{name}", f"must be in [-2, 2], got {value}")
-    _require(s.logprobs is None or 0 <= s.logprobs <= MAX_NUM_LOGPROBS,
-             "sampling.logprobs", f"must be in [0, {MAX_NUM_LOGPROBS}], got {s.logprobs}")
+    check_sampling_scalars(s)
     _require(len(s.stop) <= MAX_STOP_STRINGS, "sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings")
     for stop in s.stop:
         _require(0 < len(stop) <= MAX_STOP_STRING_CHARS, "sampling.stop",

@@ -1,0 +1,44 @@
+"""The sampling-field rules both the front door and the scheduler enforce.
+
+Each service validates on its own (the scheduler has callers other than the front door), but the
+rules and their messages are one set, so a client hears the same refusal from either.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from shared.errors import InvalidArgument
+
+MAX_NUM_LOGPROBS = 20
+
+
+def require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise InvalidArgument(message, field=field)
+
+
+def _finite(value: float | None) -> bool:
+    return value is None or math.isfinite(value)
+
+
+def check_sampling_scalars(s: Any) -> None:
+    """Checks the public SamplingParams scalars of `s` (None means unset) and `stop_token_ids`
+    against nothing but their own ranges; vocabulary and length checks stay with the caller."""
+    require(s.max_tokens is None or s.max_tokens >= 1, "sampling.max_tokens", f"must be >= 1, got {s.max_tokens}")
+    require(_finite(s.temperature) and (s.temperature is None or s.temperature >= 0),
+            "sampling.temperature", f"must be a finite number >= 0, got {s.temperature}")
+    require(s.top_k is None or s.top_k >= 0, "sampling.top_k", f"must be >= 0 (0 disables), got {s.top_k}")
+    require(_finite(s.top_p) and (s.top_p is None or 0 < s.top_p <= 1),
+            "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+    require(_finite(s.min_p) and (s.min_p is None or 0 <= s.min_p <= 1),
+            "sampling.min_p", f"must be in [0, 1], got {s.min_p}")
+    require(_finite(s.repetition_penalty) and (s.repetition_penalty is None or s.repetition_penalty > 0),
+            "sampling.repetition_penalty", f"must be > 0, got {s.repetition_penalty}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(s, name)
+        require(_finite(value) and (value is None or -2 <= value <= 2),
+                f"sampling.{name}", f"must be in [-2, 2], got {value}")
+    require(s.logprobs is None or 0 <= s.logprobs <= MAX_NUM_LOGPROBS,
+            "sampling.logprobs", f"must be in [0, {MAX_NUM_LOGPROBS}], got {s.logprobs}")
