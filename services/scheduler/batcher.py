@@ -9,6 +9,12 @@ preempted (lowest priority, newest arrival) and later recomputed from scratch â€
 than swap keeps the worker stateless about preemption, and with prefix caching most of the prefix
 usually comes back from the cache anyway.
 
+A prompt whose next uncached block is being computed right now by another running request on
+this worker waits for it instead of computing it a second time (`_computing`): a burst of requests
+on a new prefix then pays for the prefix once, and the others start a step or two later as cache
+hits. The wait is bounded: the owner is running, and its keys are dropped when its prompt is done
+or it leaves (finish, abort, preemption), after which the waiter computes whatever is still missing.
+
 The Batcher is the scheduler's only view of what the worker holds. Sends are deltas: a request is
 sent in full once (`ScheduledNew`) and then only as counts and new block ids (`ScheduledCached`);
 whenever the worker must forget a request (finished, aborted, preempted) its id travels in the next
@@ -88,6 +94,11 @@ class Batcher:
         self._running: dict[str, Request] = {}
         self._on_worker: set[str] = set()  # ids the worker holds state for
         self._finished_ids: dict[str, None] = {}  # insertion-ordered set for the next plan
+        # Prefix-index keys of prompt blocks a running request is computing but has not yet
+        # published, and the reverse map so they can be dropped with their owner.
+        self._computing: dict[bytes, str] = {}
+        self._computing_keys: dict[str, list[bytes]] = {}
+        self._waiting_on: dict[str, bytes] = {}  # waiter -> the key it waits for (saves re-hashing)
         self._next_seq = 0
         self._next_step_id = 1  # 0 reads as "unset" on the wire
 
@@ -178,6 +189,9 @@ class Batcher:
         self._running.clear()
         self._on_worker.clear()
         self._finished_ids.clear()  # a restarted worker holds nothing to drop
+        self._computing.clear()
+        self._computing_keys.clear()
+        self._waiting_on.clear()
         self.block_manager.reset()
         return requests
 
@@ -216,17 +230,28 @@ class Batcher:
 
     def _admit(self, budget: int, scheduled: dict[str, ScheduledNew | ScheduledCached]) -> int:
         block_size = self.block_manager.block_size
-        while self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
-            _, rid = self._waiting[0]
+        position = 0  # requests before it in the queue are waiting for a prefix being computed
+        while position < len(self._waiting) and budget > 0 and len(self._running) < self.max_num_seqs:
+            _, rid = self._waiting[position]
+            if self._waiting_on.get(rid) in self._computing:
+                position += 1
+                continue
             request = self._requests[rid]
             # Leave at least the last token uncached so the step yields logits to sample from.
-            hit_ids = self.block_manager.lookup_prefix(request.all_token_ids[: request.num_tokens - 1],
-                                                       request.cache_salt)
+            cacheable_ids = request.all_token_ids[: request.num_tokens - 1]
+            keys = self.block_manager.block_keys(cacheable_ids, request.cache_salt)
+            hit_ids = self.block_manager.lookup_prefix(cacheable_ids, request.cache_salt, keys)
+            if len(hit_ids) < len(keys) and keys[len(hit_ids)] in self._computing:
+                self._waiting_on[rid] = keys[len(hit_ids)]
+                position += 1
+                continue
+            self._waiting_on.pop(rid, None)
             num_computed = len(hit_ids) * block_size
             num_new = min(request.num_tokens - num_computed, budget)
             if self.block_manager.allocate_slots(rid, num_computed + num_new, hit_ids) is None:
                 break  # strict priority order: nobody overtakes the head of the queue
-            del self._waiting[0]
+            del self._waiting[position]
+            self._mark_computing(rid, keys, len(hit_ids))
             if request.num_preemptions == 0 and not request.output_token_ids:
                 request.num_cached_tokens = num_computed
             request.status = RequestStatus.RUNNING
@@ -237,6 +262,17 @@ class Batcher:
             request.num_computed_tokens = num_computed + num_new
             budget -= num_new
         return budget
+
+    def _mark_computing(self, request_id: str, keys: list[bytes], num_hit_blocks: int) -> None:
+        owned = [key for key in keys[num_hit_blocks:] if key not in self._computing]
+        if owned:
+            for key in owned:
+                self._computing[key] = request_id
+            self._computing_keys[request_id] = owned
+
+    def _done_computing(self, request_id: str) -> None:
+        for key in self._computing_keys.pop(request_id, ()):
+            del self._computing[key]
 
     def _make_plan(self, scheduled: dict[str, ScheduledNew | ScheduledCached], num_preemptions: int) -> StepPlan:
         plan = StepPlan(
@@ -257,6 +293,7 @@ class Batcher:
         del self._running[rid]
         self.block_manager.free(rid)
         self._forget_on_worker(rid)
+        self._done_computing(rid)
         victim.status = RequestStatus.WAITING
         victim.num_computed_tokens = 0
         victim.num_preemptions += 1
@@ -287,6 +324,7 @@ class Batcher:
         return events
 
     def _append(self, request: Request, output: RequestOutput) -> RequestEvent:
+        self._done_computing(request.request_id)  # its prompt is computed and published
         reason: FinishReason | None = None
         num_taken = 0
         for token_id in output.token_ids:
@@ -317,12 +355,14 @@ class Batcher:
         rid = request.request_id
         if request.status is RequestStatus.WAITING:
             del self._waiting[bisect.bisect_left(self._waiting, (self._keys[rid], rid))]
+            self._waiting_on.pop(rid, None)
         else:
             del self._running[rid]
         del self._requests[rid]
         del self._keys[rid]
         self.block_manager.free(rid)
         self._forget_on_worker(rid)
+        self._done_computing(rid)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
 

@@ -71,11 +71,19 @@ class BlockManager:
         """Tokens of the longest cached full-block prefix; exact, takes no refs (the router's overlap)."""
         return len(self.lookup_prefix(token_ids, cache_salt)) * self.block_size
 
-    def lookup_prefix(self, token_ids: Sequence[int], cache_salt: str) -> list[int]:
-        """Block ids of the longest cached full-block prefix; no refs taken, LRU order untouched."""
+    def lookup_prefix(self, token_ids: Sequence[int], cache_salt: str,
+                      keys: Sequence[bytes] | None = None) -> list[int]:
+        """Block ids of the longest cached full-block prefix; no refs taken, LRU order untouched.
+        `keys` are this prompt's `block_keys`, when the caller already has them."""
         if not self.enable_prefix_caching:
             return []
-        return self._index.match(token_ids, cache_salt)
+        return self._index.match(token_ids, cache_salt, keys)
+
+    def block_keys(self, token_ids: Sequence[int], cache_salt: str) -> list[bytes]:
+        """Prefix-index keys of every full block of `token_ids`; empty with prefix caching off."""
+        if not self.enable_prefix_caching:
+            return []
+        return self._index.chain(token_ids, cache_salt)
 
     # --- allocation -----------------------------------------------------------------------------
 

@@ -76,19 +76,32 @@ class PrefixIndex:
             return None
         return entry.block_id
 
-    def match(self, token_ids: Sequence[int], cache_salt: str) -> list[int]:
-        """Block ids of the longest indexed full-block prefix of `token_ids` (token-compared)."""
+    def match(self, token_ids: Sequence[int], cache_salt: str, keys: Sequence[bytes] | None = None) -> list[int]:
+        """Block ids of the longest indexed full-block prefix of `token_ids` (token-compared).
+
+        `keys`, if given, is `chain(token_ids, cache_salt)` computed earlier, so nothing is hashed twice.
+        """
         block_ids: list[int] = []
         parent_hash = ROOT_HASH
         size = self.block_size
-        for start in range(0, len(token_ids) - size + 1, size):
+        for i, start in enumerate(range(0, len(token_ids) - size + 1, size)):
             block_tokens = tuple(token_ids[start:start + size])
-            parent_hash = self.hash_of(parent_hash, block_tokens, cache_salt)
+            parent_hash = keys[i] if keys is not None else self.hash_of(parent_hash, block_tokens, cache_salt)
             block_id = self.get(parent_hash, block_tokens, cache_salt)
             if block_id is None:
                 break
             block_ids.append(block_id)
         return block_ids
+
+    def chain(self, token_ids: Sequence[int], cache_salt: str) -> list[bytes]:
+        """The keys of every full block of `token_ids`, in order (indexed or not)."""
+        keys: list[bytes] = []
+        parent_hash = ROOT_HASH
+        size = self.block_size
+        for start in range(0, len(token_ids) - size + 1, size):
+            parent_hash = self.hash_of(parent_hash, tuple(token_ids[start:start + size]), cache_salt)
+            keys.append(parent_hash)
+        return keys
 
     def insert(self, block_hash: bytes, block_id: int, token_ids: Sequence[int], cache_salt: str) -> bool:
         """Indexes `block_id` under `block_hash`; False (and no change) if the key is already taken.

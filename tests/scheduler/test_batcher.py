@@ -113,6 +113,61 @@ def test_prefix_is_not_shared_across_cache_salts() -> None:
     assert plan.new_requests[0].num_computed_tokens == 0 and other.num_cached_tokens == 0
 
 
+def test_a_prefix_being_computed_is_waited_for_not_computed_twice() -> None:
+    # "first" needs three steps of 8 tokens for its 24-token prompt; "second" shares its first 20.
+    batcher, worker = make_pair(block_size=4, max_num_batched_tokens=8)
+    shared = prompt(20)
+    first = make_request("first", [*shared, 1, 2, 3, 4], max_tokens=3)
+    second = make_request("second", [*shared, 9, 9, 9, 9], max_tokens=3)
+    other = make_request("other", prompt(6, 3), max_tokens=3)
+    for request in (first, second, other):
+        batcher.add(request)
+    admitted = []
+    for _ in range(3):
+        plan, _ = step(batcher, worker)
+        admitted.append([n.request.request_id for n in plan.new_requests])
+    # "second" lets "other" (no shared prefix) go ahead and starts only once the prefix is published.
+    assert admitted[0] == ["first"] and "second" not in admitted[1]
+    assert "second" not in admitted[2]
+    plan, _ = step(batcher, worker)
+    [new] = [n for n in plan.new_requests if n.request.request_id == "second"]
+    assert new.num_computed_tokens == 20 and second.num_cached_tokens == 20
+    run_until_idle(batcher, worker)
+    assert second.output_token_ids == expected(second) and other.output_token_ids == expected(other)
+
+
+def test_a_waiter_computes_the_rest_itself_when_its_owner_is_aborted() -> None:
+    batcher, worker = make_pair(block_size=4, max_num_batched_tokens=8)
+    owner = make_request("owner", prompt(24), max_tokens=3)
+    waiter = make_request("waiter", prompt(24), max_tokens=3)
+    batcher.add(owner)
+    batcher.add(waiter)
+    plan, _ = step(batcher, worker)
+    assert [n.request.request_id for n in plan.new_requests] == ["owner"]
+    batcher.abort("owner")
+    plan, _ = step(batcher, worker)
+    [new] = plan.new_requests
+    # The owner's first chunk was published before it left; the waiter computes only the rest.
+    assert new.request.request_id == "waiter" and new.num_computed_tokens == 8
+    run_until_idle(batcher, worker)
+    assert waiter.output_token_ids == expected(waiter)
+
+
+def test_a_preempted_owner_goes_first_again_and_the_waiter_keeps_waiting() -> None:
+    batcher, worker = make_pair(block_size=4, max_num_batched_tokens=8)
+    owner = make_request("owner", prompt(24), max_tokens=3)
+    waiter = make_request("waiter", prompt(24), max_tokens=3)
+    batcher.add(owner)
+    batcher.add(waiter)
+    step(batcher, worker)
+    batcher._preempt(owner, {})  # what a full pool does to the newest, lowest-priority request
+    plan, _ = step(batcher, worker)
+    assert [n.request.request_id for n in plan.new_requests] == ["owner"]
+    run_until_idle(batcher, worker)
+    assert waiter.num_cached_tokens == 20  # all five full blocks of its 23 cacheable tokens
+    assert waiter.output_token_ids == owner.output_token_ids == expected(waiter)
+
+
 def test_cached_tokens_are_kept_from_the_first_placement_only() -> None:
     batcher, worker = make_pair(block_size=4)
     batcher.add(make_request("warm", prompt(20), max_tokens=1))

@@ -82,8 +82,8 @@ def test_queue_time_and_prefix_lookup_only_at_first_placement() -> None:
 def test_batcher_reports_its_preemptions_in_the_plan() -> None:
     # 4 usable blocks of 4 tokens: two 7-token prompts fit, and their first decodes do not.
     batcher = Batcher(BlockManager(5, 4, "v1"), max_model_len=64, eos_token_ids=())
-    for rid in ("a", "b"):
-        batcher.add(make_request(rid, 8))
+    batcher.add(make_request("a", 8))
+    batcher.add(Request("b", list(range(101, 109)), WorkerSampling(), max_tokens=4))  # no shared prefix
     plan = batcher.schedule()
     assert plan.num_preemptions == 0 and len(plan.new_requests) == 2
     batcher.update(plan, [RequestOutput("a", (1,)), RequestOutput("b", (1,))])
