@@ -7,7 +7,7 @@ PRESET ?= tiny
 PROTO_OUT := shared/proto
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: setup protos model test test-all bench bench-smoke up down run status clean
+.PHONY: setup protos model test test-chaos test-all bench bench-smoke up down run status clean
 
 # Creates .venv with every dependency pinned in requirements.txt, then generates the stubs.
 setup: $(VENV)/.installed protos
@@ -37,6 +37,10 @@ model: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest -q
+
+# The long fault-injection suite (abort storm, kill -9, overload, NaN, fuzzing); CI runs it after `test`.
+test-chaos: setup
+	$(PY) -m pytest -q -m chaos
 
 # Starts workers, scheduler and tokenizer in the background (logs and pids in .run/) and returns once
 # every one reports SERVING. SWITCHYARD_MODEL, SWITCHYARD_WORKERS and SWITCHYARD_*_PORT override.

@@ -23,6 +23,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.config import ConfigError, env_float, env_int, env_str
+from shared.errors import InvalidArgument
+from shared.tls import TlsConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "models" / "tiny-llama"
@@ -66,6 +68,9 @@ class StackConfig:
     worker_base_metrics_port: int = 9111
     worker_args: tuple[str, ...] = ()
     scheduler_args: tuple[str, ...] = ()
+    tokenizer_args: tuple[str, ...] = ()
+    # Every process gets it (through SWITCHYARD_TLS_*), and `up`/`status` use it for health checks.
+    tls: TlsConfig = TlsConfig()
     grace_s: float = 10.0  # each child's own shutdown grace
     stop_grace_s: float = 15.0  # how long `down` waits before SIGKILL
     timeout_s: float = 120.0  # per tier, until SERVING
@@ -80,6 +85,9 @@ class StackConfig:
             num_workers=env_int("SWITCHYARD_WORKERS", 2, min_value=1),
             worker_args=tuple(shlex.split(env_str("SWITCHYARD_WORKER_ARGS", ""))),
             scheduler_args=tuple(shlex.split(env_str("SWITCHYARD_SCHEDULER_ARGS", ""))),
+            tokenizer_args=tuple(shlex.split(env_str("SWITCHYARD_TOKENIZER_ARGS", ""))),
+            tls=TlsConfig(env_str("SWITCHYARD_TLS_CERT", ""), env_str("SWITCHYARD_TLS_KEY", ""),
+                          env_str("SWITCHYARD_TLS_CA", "")),
             grace_s=env_float("SWITCHYARD_GRACE_S", cls.grace_s, min_value=0),
             timeout_s=env_float("SWITCHYARD_UP_TIMEOUT_S", cls.timeout_s, min_value=1),
             **{name: env_int(var, getattr(cls, name), min_value=0) for name, var in _PORT_VARS.items()},
@@ -152,7 +160,7 @@ def _plan(c: StackConfig) -> list[tuple[Process, tuple[str, ...]]]:
                       "--workers", workers, *c.scheduler_args))
     plans.append(proc("tokenizer", "tokenizer", c.tokenizer_port, c.tokenizer_metrics_port, c.http_port, *model,
                       "--http-host", c.host, "--http-port", str(c.http_port),
-                      "--scheduler", f"{c.host}:{c.scheduler_port}"))
+                      "--scheduler", f"{c.host}:{c.scheduler_port}", *c.tokenizer_args))
     return [(p, flags) for p, flags in plans if p.kind in c.services]
 
 
@@ -208,10 +216,16 @@ def is_alive(pid: int) -> bool:
         return True
 
 
-def check_health(address: str, service: str, timeout_s: float = 1.0) -> str:
+def _health_channel(address: str, tls: TlsConfig | None) -> grpc.Channel:
+    if tls is None or not tls.enabled:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, tls.channel_credentials())
+
+
+def check_health(address: str, service: str, timeout_s: float = 1.0, tls: TlsConfig | None = None) -> str:
     """The health status name of `service` at `address`, or "UNREACHABLE"."""
     try:
-        with grpc.insecure_channel(address) as channel:
+        with _health_channel(address, tls) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -228,17 +242,19 @@ def _failure(p: Process, why: str, started: list[Process], num_lines: int = 25) 
     return StackError(f"{p.name} {why}; last lines of {p.log}:\n{lines}", tuple(started))
 
 
-def _spawn(p: Process, flags: tuple[str, ...]) -> Process:
+def _spawn(p: Process, flags: tuple[str, ...], tls: TlsConfig, log_mode: str = "wb") -> Process:
     path = [str(REPO_ROOT), str(REPO_ROOT / "shared" / "proto"), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(filter(None, path))}
-    with open(p.log, "wb") as log:  # a new session: neither `make` ending nor a closed terminal stops it
+    if tls.enabled:
+        env.update(SWITCHYARD_TLS_CERT=tls.cert_file, SWITCHYARD_TLS_KEY=tls.key_file, SWITCHYARD_TLS_CA=tls.ca_file)
+    with open(p.log, log_mode) as log:  # a new session: neither `make` ending nor a closed terminal stops it
         child = subprocess.Popen([sys.executable, "-m", f"services.{p.kind}", *flags], cwd=REPO_ROOT, env=env,
                                  stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     _CHILDREN[child.pid] = child
     return replace(p, pid=child.pid)
 
 
-def _wait_serving(tier: list[Process], timeout_s: float, started: list[Process]) -> None:
+def _wait_serving(tier: list[Process], timeout_s: float, started: list[Process], tls: TlsConfig) -> None:
     t0 = last_note = time.monotonic()
     pending = list(tier)
     print(f"waiting for {', '.join(p.name for p in tier)} ...", flush=True)
@@ -246,7 +262,7 @@ def _wait_serving(tier: list[Process], timeout_s: float, started: list[Process])
         for p in list(pending):
             if not is_alive(p.pid):
                 raise _failure(p, f"exited (code {_CHILDREN[p.pid].returncode}) before serving", started)
-            if check_health(p.address, HEALTH_NAMES[p.kind], timeout_s=0.5) == "SERVING":
+            if check_health(p.address, HEALTH_NAMES[p.kind], timeout_s=0.5, tls=tls) == "SERVING":
                 print(f"  {p.name} SERVING on {p.address} after {time.monotonic() - t0:.1f} s", flush=True)
                 pending.remove(p)
         if pending and time.monotonic() - t0 > timeout_s:
@@ -280,15 +296,34 @@ def start_stack(config: StackConfig) -> Stack:
     started: list[Process] = []
     try:
         for kind in SERVICES:
-            tier = [_spawn(p, flags) for p, flags in plans if p.kind == kind]
+            tier = [_spawn(p, flags, config.tls) for p, flags in plans if p.kind == kind]
             started += tier
             _write_pids(run_dir, started)
             if tier:
-                _wait_serving(tier, config.timeout_s, started)
+                _wait_serving(tier, config.timeout_s, started, config.tls)
     except BaseException:  # Ctrl-C included: leave nothing half-started behind
         stop_stack(run_dir, grace_s=min(config.stop_grace_s, 5.0), quiet=True)
         raise
     return Stack(run_dir, tuple(started))
+
+
+def restart_process(config: StackConfig, name: str) -> Process:
+    """Starts one process of a running stack again (after it died), with the flags `up` gave it, and
+    waits until it is SERVING; the others keep running. Its log is appended to, not replaced."""
+    planned = {p.name: (p, flags) for p, flags in _plan(config)}
+    if name not in planned:
+        raise StackError(f"no process named {name!r} in this stack (have {', '.join(planned)})")
+    stack = load_stack(Path(config.run_dir))
+    if stack is None:
+        raise StackError(f"no stack running from {config.run_dir}")
+    old = next((p for p in stack.processes if p.name == name), None)
+    if old is not None and is_alive(old.pid):
+        raise StackError(f"{name} (pid {old.pid}) is still running")
+    process, flags = planned[name]
+    new = _spawn(process, flags, config.tls, log_mode="ab")
+    _write_pids(Path(config.run_dir), [new if p.name == name else p for p in stack.processes])
+    _wait_serving([new], config.timeout_s, [], config.tls)
+    return new
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -325,10 +360,11 @@ def stop_stack(run_dir: Path, grace_s: float = 15.0, quiet: bool = False) -> boo
     return True
 
 
-def stack_status(run_dir: Path) -> list[ProcessStatus]:
+def stack_status(run_dir: Path, tls: TlsConfig | None = None) -> list[ProcessStatus]:
     stack = load_stack(run_dir)
     alive = {p.pid: is_alive(p.pid) for p in (stack.processes if stack else ())}
-    return [ProcessStatus(p, alive[p.pid], check_health(p.address, HEALTH_NAMES[p.kind]) if alive[p.pid] else "DEAD")
+    return [ProcessStatus(p, alive[p.pid],
+                          check_health(p.address, HEALTH_NAMES[p.kind], tls=tls) if alive[p.pid] else "DEAD")
             for p in (stack.processes if stack else ())]
 
 
@@ -356,7 +392,7 @@ def _up(config: StackConfig) -> int:
 
 
 def _status(config: StackConfig) -> int:
-    statuses = stack_status(config.run_dir)
+    statuses = stack_status(config.run_dir, config.tls)
     for s in statuses:
         state = "alive" if s.alive else "dead"
         print(f"  {s.process.name:<10} pid {s.process.pid:<7} {state:<6} {s.health:<12} {s.process.address}")
@@ -371,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         config = StackConfig.from_env()
-    except ConfigError as e:
+    except (ConfigError, InvalidArgument) as e:
         print(f"{args[0]}: {e}", file=sys.stderr)
         return 2
     if args[0] == "up":

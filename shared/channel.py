@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import grpc
 import grpc.aio
 
+from shared.tls import TlsConfig
+
 # Long prompts and large batched steps exceed gRPC's 4 MiB default.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Idle streams between services are pinged so a worker that vanished is noticed within about
@@ -52,3 +54,13 @@ def insecure_channel(
     """A plaintext channel to another Switchyard service (loopback or a private network)."""
     # Looked up at call time: telemetry instrumentation replaces grpc.aio.insecure_channel.
     return grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS), interceptors=interceptors)
+
+
+def open_channel(
+    address: str, tls: TlsConfig | None = None, *, interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None
+) -> grpc.aio.Channel:
+    """A channel to another Switchyard service: TLS (mutual when `tls` has a CA) or plaintext."""
+    if tls is None or not tls.enabled:
+        return insecure_channel(address, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=list(CHANNEL_OPTIONS),
+                                   interceptors=interceptors)

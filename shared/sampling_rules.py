@@ -12,6 +12,10 @@ from typing import Any
 from shared.errors import InvalidArgument
 
 MAX_NUM_LOGPROBS = 20
+# What the wire's fixed-width fields hold (SamplingParams.top_k is int32, seed int64); JSON has no
+# such limits, so a larger value must be refused here rather than fail while building the message.
+INT32_MAX = (1 << 31) - 1
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def require(ok: bool, field: str, message: str) -> None:
@@ -30,6 +34,7 @@ def check_sampling_scalars(s: Any) -> None:
     require(_finite(s.temperature) and (s.temperature is None or s.temperature >= 0),
             "sampling.temperature", f"must be a finite number >= 0, got {s.temperature}")
     require(s.top_k is None or s.top_k >= 0, "sampling.top_k", f"must be >= 0 (0 disables), got {s.top_k}")
+    require(s.top_k is None or s.top_k <= INT32_MAX, "sampling.top_k", f"must be <= {INT32_MAX}, got {s.top_k}")
     require(_finite(s.top_p) and (s.top_p is None or 0 < s.top_p <= 1),
             "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
     require(_finite(s.min_p) and (s.min_p is None or 0 <= s.min_p <= 1),
@@ -40,5 +45,7 @@ def check_sampling_scalars(s: Any) -> None:
         value = getattr(s, name)
         require(_finite(value) and (value is None or -2 <= value <= 2),
                 f"sampling.{name}", f"must be in [-2, 2], got {value}")
+    require(s.seed is None or INT64_MIN <= s.seed <= INT64_MAX,
+            "sampling.seed", f"must be a 64-bit signed integer, in [{INT64_MIN}, {INT64_MAX}], got {s.seed}")
     require(s.logprobs is None or 0 <= s.logprobs <= MAX_NUM_LOGPROBS,
             "sampling.logprobs", f"must be in [0, {MAX_NUM_LOGPROBS}], got {s.logprobs}")

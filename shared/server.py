@@ -6,6 +6,11 @@ health NOT_SERVING so balancers and `make up` stop sending work, then the servic
 `server.stop(grace)` for RPCs still running, then a telemetry flush so the last spans are not lost.
 `grace_s` bounds the whole sequence, drain included, because an orchestrator kills the process at
 its own deadline whatever we are doing. A second SIGTERM/SIGINT skips what is left of the grace.
+
+A service may pass a `liveness` check (the scheduler: "requests are running but no token came for
+too long"). A watchdog task asks it every `liveness_period_s` and flips health between SERVING and
+NOT_SERVING, so a wedged process is taken out of rotation by whatever watches health (Kubernetes
+probes, `make status`, a load balancer) and put back when it recovers on its own.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from shared.channel import SERVER_OPTIONS
 from shared.errors import ErrorInterceptor
 from shared.telemetry import Telemetry
+from shared.tls import TlsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +37,7 @@ Register = Callable[[grpc.aio.Server], Iterable[str]]
 Drain = Callable[[], Awaitable[None]]
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class BindError(RuntimeError):
@@ -54,6 +61,9 @@ class GrpcServer:
         on_drain: Drain | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         telemetry: Telemetry | None = None,
+        tls: TlsConfig | None = None,
+        liveness: Callable[[], bool] | None = None,
+        liveness_period_s: float = 1.0,
     ) -> None:
         if grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {grace_s}")
@@ -64,6 +74,10 @@ class GrpcServer:
         self._on_drain = on_drain
         self._interceptors = tuple(interceptors)
         self._telemetry = telemetry
+        self._tls = tls if tls is not None and tls.enabled else None
+        self._liveness = liveness
+        self._liveness_period_s = liveness_period_s
+        self._watchdog: asyncio.Task[None] | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._service_names: tuple[str, ...] = ()
@@ -111,7 +125,10 @@ class GrpcServer:
             (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         try:
-            self._bound_port = server.add_insecure_port(self.address)
+            if self._tls is not None:
+                self._bound_port = server.add_secure_port(self.address, self._tls.server_credentials())
+            else:
+                self._bound_port = server.add_insecure_port(self.address)
         except RuntimeError as e:
             raise BindError(
                 f"{self.service_name} cannot listen on {self.address}: the port is in use or the "
@@ -119,9 +136,11 @@ class GrpcServer:
             ) from e
         self._server = server
         await server.start()
-        for name in ("", *self._service_names):
-            await self._health.set(name, _SERVING)
-        logger.info("%s serving on %s (port %d)", self.service_name, self.address, self._bound_port)
+        await self._set_health(_SERVING)
+        if self._liveness is not None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch_liveness(self._liveness))
+        security = "plaintext" if self._tls is None else ("mutual TLS" if self._tls.mutual else "TLS")
+        logger.info("%s serving on %s (port %d, %s)", self.service_name, self.address, self._bound_port, security)
 
     def install_signal_handlers(
         self, signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
@@ -175,6 +194,8 @@ class GrpcServer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.grace_s
         try:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             await self._health.enter_graceful_shutdown()
             if self._on_drain is not None:
                 await self._drain(self._on_drain, deadline)
@@ -187,6 +208,25 @@ class GrpcServer:
             logger.info("%s stopped", self.service_name)
         finally:
             self._terminated.set()
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *self._service_names):
+            await self._health.set(name, status)
+
+    async def _watch_liveness(self, check: Callable[[], bool]) -> None:
+        live = True
+        while self._shutdown_task is None:
+            await asyncio.sleep(self._liveness_period_s)
+            now_live = check()
+            if now_live == live or self._shutdown_task is not None:
+                continue
+            live = now_live
+            if live:
+                logger.warning("%s: tokens flow again; health SERVING", self.service_name)
+            else:
+                logger.error("%s: requests are running but no token came in time; health NOT_SERVING",
+                             self.service_name)
+            await self._set_health(_SERVING if live else _NOT_SERVING)
 
     async def _drain(self, on_drain: Drain, deadline: float) -> None:
         draining = asyncio.ensure_future(on_drain())
@@ -229,6 +269,9 @@ async def serve(
     on_drain: Drain | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     telemetry: Telemetry | None = None,
+    tls: TlsConfig | None = None,
+    liveness: Callable[[], bool] | None = None,
+    liveness_period_s: float = 1.0,
 ) -> None:
     """Runs a service until SIGTERM/SIGINT and its shutdown have completed (for `__main__`)."""
     server = GrpcServer(
@@ -239,6 +282,9 @@ async def serve(
         on_drain=on_drain,
         interceptors=interceptors,
         telemetry=telemetry,
+        tls=tls,
+        liveness=liveness,
+        liveness_period_s=liveness_period_s,
     )
     await server.start()
     server.install_signal_handlers()

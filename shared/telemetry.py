@@ -18,11 +18,15 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import prometheus_client
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
+
+if TYPE_CHECKING:  # shared.tls imports shared.errors, which imports this module
+    from shared.tls import TlsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -139,15 +143,17 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 
                      1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0)
 
 
-def start_metrics_server(port: int | None, host: str = "127.0.0.1") -> int | None:
+def start_metrics_server(port: int | None, host: str = "127.0.0.1", tls: TlsConfig | None = None) -> int | None:
     """Serves Prometheus /metrics from a daemon thread; port 0 or None disables it.
 
-    Returns the port actually listening, or None when disabled.
+    With `tls` it serves HTTPS (and requires a client certificate when `tls` is mutual), like every
+    other listener. Returns the port actually listening, or None when disabled.
     """
     if not port:
         return None
     try:
-        server, _thread = prometheus_client.start_http_server(port, addr=host)
+        options = tls.prometheus_options() if tls is not None else {}
+        server, _thread = prometheus_client.start_http_server(port, addr=host, **options)
     except OSError as e:
         raise RuntimeError(f"cannot serve Prometheus metrics on {host}:{port}: {e.strerror or e}") from e
     logger.info("metrics on http://%s:%d/metrics", host, server.server_port)

@@ -10,6 +10,7 @@ from services.scheduler.config import SchedulerConfig, parse_config
 from services.scheduler.fleet import Fleet
 from services.scheduler.servicer import SchedulerServicer
 from shared.config import ConfigError
+from shared.errors import SwitchyardError
 from shared.server import serve
 from shared.telemetry import setup_telemetry, start_metrics_server
 
@@ -24,10 +25,15 @@ async def run(config: SchedulerConfig) -> None:
     if down:
         logger.warning("serving without workers %s; they join when they answer", down)
     servicer = SchedulerServicer(fleet)
-    start_metrics_server(config.metrics_port)
+    start_metrics_server(config.metrics_port, config.host, config.tls)
+    liveness = None
+    if config.liveness_timeout_s > 0:
+        def liveness() -> bool:
+            return fleet.stalled_for_s() < config.liveness_timeout_s
     try:
         await serve(service_name="scheduler", register=servicer.register, address=config.address,
-                    grace_s=config.grace_s, on_drain=servicer.drain, telemetry=telemetry)
+                    grace_s=config.grace_s, on_drain=servicer.drain, telemetry=telemetry, tls=config.tls,
+                    liveness=liveness, liveness_period_s=min(1.0, config.liveness_timeout_s / 4))
     finally:
         await fleet.stop()
 
@@ -36,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = parse_config(argv)
-    except ConfigError as e:
+    except (ConfigError, SwitchyardError) as e:
         logger.error("%s", e)
         return 2
     asyncio.run(run(config))

@@ -195,6 +195,19 @@ class Batcher:
         self.block_manager.reset()
         return requests
 
+    def take_waiting(self) -> list[Request]:
+        """The worker is draining: hands back the queued requests (they hold no blocks) for another
+        worker, and keeps the running ones, which finish here."""
+        taken = []
+        for _, rid in self._waiting:
+            request = self._requests.pop(rid)
+            del self._keys[rid]
+            self._waiting_on.pop(rid, None)
+            request.num_computed_tokens = 0
+            taken.append(request)
+        self._waiting.clear()
+        return taken
+
     # --- one step ----------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         budget = self.max_num_batched_tokens

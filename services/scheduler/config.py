@@ -17,6 +17,7 @@ from pathlib import Path
 from services.scheduler.fleet import FleetConfig
 from services.scheduler.router import PoolConfig
 from shared.config import ConfigError, env_float, env_int, env_list, env_str
+from shared.tls import TlsConfig, add_tls_arguments, tls_from_args
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class SchedulerConfig:
     fleet: FleetConfig
     startup_wait_s: float
     grace_s: float
+    liveness_timeout_s: float = 60.0  # requests running and no token for this long: NOT_SERVING; 0: off
+    tls: TlsConfig = TlsConfig()
 
     @property
     def address(self) -> str:
@@ -66,6 +69,11 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
     p.add_argument("--startup-wait-s", type=float, default=env_float("SWITCHYARD_STARTUP_WAIT_S", 120.0),
                    help="how long to wait for workers before serving")
     p.add_argument("--grace-s", type=float, default=env_float("SWITCHYARD_GRACE_S", 10.0))
+    p.add_argument("--liveness-timeout-s", type=float,
+                   default=env_float("SWITCHYARD_LIVENESS_TIMEOUT_S", 60.0, min_value=0),
+                   help="health turns NOT_SERVING while requests run and no token came for this long; 0 "
+                        "disables [SWITCHYARD_LIVENESS_TIMEOUT_S]")
+    add_tls_arguments(p)
     a = p.parse_args(argv)
     if a.pools_file:
         pools = load_pools(a.pools_file)
@@ -78,6 +86,8 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
         pools=pools, max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
         max_waiting_requests=a.max_waiting_requests, step_timeout_s=a.step_timeout_s,
         load_weight=a.load_weight, decode_cost_tokens=a.decode_cost_tokens, routing=a.routing,
+        tls=tls_from_args(a),
     )
     return SchedulerConfig(host=a.host, port=a.port, metrics_port=a.metrics_port, fleet=fleet,
-                           startup_wait_s=a.startup_wait_s, grace_s=a.grace_s)
+                           startup_wait_s=a.startup_wait_s, grace_s=a.grace_s,
+                           liveness_timeout_s=a.liveness_timeout_s, tls=fleet.tls)

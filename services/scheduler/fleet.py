@@ -23,6 +23,7 @@ from services.scheduler.request import FinishReason, Request
 from services.scheduler.router import PoolConfig, Router, RoutingDecision, WorkerLoad
 from services.scheduler.worker_loop import WorkerLoop
 from shared.errors import InvalidArgument, ResourceExhausted, Unavailable
+from shared.tls import TlsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class FleetConfig:
     decode_cost_tokens: float = 8.0
     router_seed: int | None = None
     routing: str = "cache_aware"
+    tls: TlsConfig = TlsConfig()  # how to reach the workers
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Fleet:
         self._pending: dict[str, PendingPrefixes] = {}  # per worker address
         self._idle = asyncio.Event()  # set while no request is live; drain waits on it
         self._idle.set()
+        self._last_progress_s = clock()  # last token delivered, or when the fleet stopped being idle
         self.loops: dict[str, WorkerLoop] = {}
         for pool in config.pools:
             for address in pool.worker_addresses:
@@ -72,6 +75,7 @@ class Fleet:
                     address, pool.name, on_events=self._deliver, on_down=self._on_worker_down,
                     max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
                     step_timeout_s=config.step_timeout_s, probe_interval_s=config.probe_interval_s, clock=clock,
+                    tls=config.tls,
                 )
         metrics.observe_fleet(self)
 
@@ -146,6 +150,8 @@ class Fleet:
         decision = self.router.choose_worker(pool, request.num_prompt_tokens, self._loads(pool, request), sticky=sticky)
         metrics.observe_routed(decision)
         live = LiveRequest(request, self.loops[decision.worker], decision, queued_at_s=now)
+        if not self.live:
+            self._last_progress_s = now  # an idle fleet owes no tokens; the clock starts now
         self.live[request.request_id] = live
         self._idle.clear()
         self._place(live, self.loops[decision.worker], decision)
@@ -175,9 +181,17 @@ class Fleet:
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
+    def stalled_for_s(self) -> float:
+        """How long requests have been live without any token delivered; 0 while idle (liveness)."""
+        if not self.live:
+            return 0.0
+        return max(0.0, self._clock() - self._last_progress_s)
+
     # --- callbacks from the worker loops --------------------------------------------------------
     def _deliver(self, events: list[RequestEvent]) -> None:
         now = self._clock()
+        if any(e.token_ids for e in events):
+            self._last_progress_s = now
         for event in events:
             live = self.live.get(event.request_id)
             if live is None:

@@ -23,7 +23,8 @@ from services.scheduler.batcher import Batcher, RequestEvent
 from services.scheduler.block_manager import BlockManager
 from services.scheduler.request import Request
 from services.scheduler.worker_spec import WorkerSpec
-from shared.channel import insecure_channel
+from shared.channel import open_channel
+from shared.tls import TlsConfig
 from shared.errors import Unavailable
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class WorkerLoop:
         step_timeout_s: float = 60.0,
         probe_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.address = address
         self.pool = pool
@@ -60,7 +62,7 @@ class WorkerLoop:
         self._step_timeout_s = step_timeout_s
         self._probe_interval_s = probe_interval_s
         self._clock = clock
-        self._channel = insecure_channel(address)
+        self._channel = open_channel(address, tls)
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -153,7 +155,21 @@ class WorkerLoop:
             events = batcher.update(plan, wire.outputs_from_pb(reply))
             if events:
                 self._on_events(events)
+            if reply.draining and self.up:
+                self._leave_pool(batcher)
+            if not self.up and not batcher.has_work():
+                return  # drained: probe for whatever process comes back on this address
             await asyncio.sleep(0)  # let handlers enqueue between steps
+
+    def _leave_pool(self, batcher: Batcher) -> None:
+        """The worker is shutting down: no new requests go to it, the queued ones go elsewhere,
+        and the running ones keep stepping here until they finish."""
+        logger.info("worker %s (pool %s) draining: finishing %d running requests, moving %d queued", self.address,
+                    self.pool, batcher.num_running, batcher.num_waiting)
+        self.up = False
+        queued = batcher.take_waiting()
+        if queued:
+            self._on_down(self, queued)
 
     def _mark_down(self, reason: str) -> None:
         logger.warning("worker %s (pool %s) down: %s", self.address, self.pool, reason)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -13,24 +14,30 @@ from services.tokenizer.frontend import Frontend
 from services.tokenizer.http_api import create_app, serve_http
 from services.tokenizer.scheduler_client import SchedulerClient
 from services.tokenizer.servicer import GenerationServicer
+from shared.auth import ApiKeys, Gate, GateInterceptor
 from shared.config import ConfigError
+from shared.errors import SwitchyardError
+from shared.rate_limit import RateLimiter
 from shared.server import serve
 from shared.telemetry import setup_telemetry, start_metrics_server
 
 logger = logging.getLogger("switchyard.tokenizer")
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 async def run(config: TokenizerConfig) -> None:
     telemetry = setup_telemetry("switchyard-tokenizer")
     codec = Codec(config.model_dir)
-    scheduler = SchedulerClient(config.scheduler_address)
+    gate = make_gate(config)
+    scheduler = SchedulerClient(config.scheduler_address, config.tls)
     frontend = Frontend(codec, scheduler, model_name=config.model_name or Path(config.model_dir).name)
     servicer = GenerationServicer(frontend, version=config.version, max_request_bytes=config.max_request_bytes)
-    app = create_app(frontend, max_request_bytes=config.max_request_bytes) if config.http_port else None
-    http = await serve_http(app, config.http_host, config.http_port, grace_s=config.grace_s) if app is not None else None
+    app = create_app(frontend, max_request_bytes=config.max_request_bytes, gate=gate) if config.http_port else None
+    http = await serve_http(app, config.http_host, config.http_port, grace_s=config.grace_s,
+                            tls=config.tls) if app is not None else None
     if http is not None:
-        logger.info("OpenAI-compatible HTTP on http://%s:%d/v1", config.http_host, http.port)
-    start_metrics_server(config.metrics_port)
+        logger.info("OpenAI-compatible HTTP on %s://%s:%d/v1", config.tls.scheme, config.http_host, http.port)
+    start_metrics_server(config.metrics_port, config.host, config.tls)
 
     async def drain() -> None:
         servicer.draining = True
@@ -39,11 +46,25 @@ async def run(config: TokenizerConfig) -> None:
 
     try:
         await serve(service_name="tokenizer", register=servicer.register, address=config.address,
-                    grace_s=config.grace_s, on_drain=drain, telemetry=telemetry)
+                    grace_s=config.grace_s, on_drain=drain, telemetry=telemetry, tls=config.tls,
+                    interceptors=[GateInterceptor(gate)] if gate.enabled else ())
     finally:
         if http is not None:
             await http.stop()
         await scheduler.close()
+
+
+def make_gate(config: TokenizerConfig) -> Gate:
+    api_keys = ApiKeys.from_file(config.api_keys_file) if config.api_keys_file else None
+    limiter = None
+    if config.rate_limit_per_s > 0:
+        burst = config.rate_limit_burst or max(1, math.ceil(config.rate_limit_per_s))
+        limiter = RateLimiter(config.rate_limit_per_s, burst)
+    if api_keys is not None:
+        logger.info("API keys required (%d configured)", len(api_keys))
+    elif config.http_host not in _LOOPBACK or config.host not in _LOOPBACK:
+        logger.warning("listening beyond loopback without API keys: anyone who can reach the port can generate")
+    return Gate(api_keys, limiter)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_config(argv)
         asyncio.run(run(config))
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, SwitchyardError) as e:
         logger.error("%s", e)
         return 2
     return 0

@@ -7,6 +7,7 @@ import argparse
 from dataclasses import dataclass
 
 from shared.config import env_float, env_int, env_str
+from shared.tls import TlsConfig, add_tls_arguments, tls_from_args
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,10 @@ class TokenizerConfig:
     max_request_bytes: int
     version: str
     grace_s: float
+    api_keys_file: str = ""  # empty: no API keys required
+    rate_limit_per_s: float = 0.0  # per API key (or for everyone without keys); 0: no limit
+    rate_limit_burst: int = 0  # bucket size; 0: one second's worth, at least 1
+    tls: TlsConfig = TlsConfig()
 
     @property
     def address(self) -> str:
@@ -52,9 +57,19 @@ def parse_config(argv: list[str] | None = None) -> TokenizerConfig:
     p.add_argument("--version", dest="version_label", default=env_str("SWITCHYARD_MODEL_VERSION", "v1"),
                    help="model version label reported by GetModelInfo [SWITCHYARD_MODEL_VERSION]")
     p.add_argument("--grace-s", type=float, default=env_float("SWITCHYARD_GRACE_S", 10.0))
+    p.add_argument("--api-keys-file", default=env_str("SWITCHYARD_API_KEYS_FILE", ""),
+                   help="file of 'name:secret' lines; set: every gRPC and HTTP call needs "
+                        "'authorization: Bearer <secret>' [SWITCHYARD_API_KEYS_FILE]")
+    p.add_argument("--rate-limit-per-s", type=float, default=env_float("SWITCHYARD_RATE_LIMIT_PER_S", 0.0, min_value=0),
+                   help="requests per second per API key (token bucket); 0: unlimited [SWITCHYARD_RATE_LIMIT_PER_S]")
+    p.add_argument("--rate-limit-burst", type=int, default=env_int("SWITCHYARD_RATE_LIMIT_BURST", 0, min_value=0),
+                   help="requests a key may send at once; 0: one second's worth [SWITCHYARD_RATE_LIMIT_BURST]")
+    add_tls_arguments(p)
     a = p.parse_args(argv)
     return TokenizerConfig(
         model_dir=a.model, model_name=a.model_name, scheduler_address=a.scheduler, host=a.host, port=a.port,
         http_host=a.http_host, http_port=a.http_port, metrics_port=a.metrics_port,
         max_request_bytes=a.max_request_bytes, version=a.version_label, grace_s=a.grace_s,
+        api_keys_file=a.api_keys_file, rate_limit_per_s=a.rate_limit_per_s, rate_limit_burst=a.rate_limit_burst,
+        tls=tls_from_args(a),
     )

@@ -36,7 +36,9 @@ from services.tokenizer.openai_schema import (
     ChatCompletionRequest, CompletionLogprobs, CompletionRequest, Endpoint, HttpError, chat_logprobs, choice,
     describe_error, envelope, error_body, param_from_loc, usage_json,
 )
-from shared.errors import NotFound, Unavailable
+from shared.auth import Gate
+from shared.errors import NotFound, SwitchyardError, Unauthenticated, Unavailable
+from shared.tls import TlsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +126,9 @@ async def _read_json(request: Request, max_bytes: int) -> Any:
             raise too_big
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    # ValueError covers JSONDecodeError, UnicodeDecodeError and integers of more digits than Python
+    # converts; RecursionError is JSON nested deeper than the parser's stack.
+    except (ValueError, RecursionError) as e:
         raise HttpError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
 
 
@@ -245,10 +249,13 @@ def set_ready(app: FastAPI, ready: bool) -> None:
     app.state.ready = ready
 
 
-def create_app(frontend: Frontend, *, max_request_bytes: int = 1 << 20, ready: bool = True) -> FastAPI:
+def create_app(frontend: Frontend, *, max_request_bytes: int = 1 << 20, ready: bool = True,
+               gate: Gate | None = None) -> FastAPI:
     app = FastAPI(title="Switchyard", summary="OpenAI-compatible API of the Switchyard front door")
     app.state.ready = ready
     app.state.closing = False  # set by HttpServer.stop once the grace is over
+    if gate is not None and gate.enabled:
+        _require_gate(app, gate)
     metrics.instrument_http(app)
     created = int(time.time())
 
@@ -341,6 +348,22 @@ class HttpServer:
         await asyncio.shield(self._task)
 
 
+def _require_gate(app: FastAPI, gate: Gate) -> None:
+    """API keys and rate limits on /v1/*; /health stays open for probes, like gRPC health."""
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if request.url.path.startswith("/v1/"):
+            try:
+                gate.admit(request.headers.get("authorization"))
+            except SwitchyardError as e:
+                response = error_response(e)
+                if isinstance(e, Unauthenticated):
+                    response.headers["WWW-Authenticate"] = "Bearer"
+                return response
+        return await call_next(request)
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, port), family=family, backlog=2048)
@@ -349,11 +372,11 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 async def serve_http(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, grace_s: float = 5.0,
-                     access_log: bool = False) -> HttpServer:
+                     access_log: bool = False, tls: TlsConfig | None = None) -> HttpServer:
     """Starts serving `app` in the running loop and returns once the socket accepts connections."""
     sock = _bind(host, port)  # bind here: a taken port raises OSError now, not SystemExit later
     config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=access_log, ws="none",
-                            server_header=False)
+                            server_header=False, **(tls.uvicorn_options() if tls is not None else {}))
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name=f"http-{host}:{port}")
     started = asyncio.create_task(server.started_event.wait())

@@ -296,9 +296,16 @@ class HttpError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+def _printable(text: str | None) -> str | None:
+    """A message may quote the client's input, which JSON lets hold lone surrogates ("\\ud800") that
+    no UTF-8 encoder takes; they are shown escaped so the error body itself can still be sent."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(status: int, message: str, err_type: str, param: str | None = None, code: str | None = None,
                headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
-    return status, {"error": {"message": message, "type": err_type, "param": param, "code": code}}, headers or {}
+    error = {"message": _printable(message), "type": err_type, "param": _printable(param), "code": code}
+    return status, {"error": error}, headers or {}
 
 
 def describe_error(exc: BaseException, param_of: Callable[[str], str] | None = None,

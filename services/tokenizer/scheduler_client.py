@@ -15,14 +15,15 @@ from switchyard.scheduler.v1 import scheduler_pb2_grpc
 
 from services.tokenizer import wire
 from services.tokenizer.api_types import GenerateInput, SchedulerEvent
-from shared.channel import insecure_channel
+from shared.channel import open_channel
 from shared.errors import error_from_rpc
+from shared.tls import TlsConfig
 
 
 class SchedulerClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: TlsConfig | None = None) -> None:
         self.address = address
-        self._channel = insecure_channel(address)
+        self._channel = open_channel(address, tls)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
 
     async def stream(self, request_id: str, prompt_token_ids: list[int], inp: GenerateInput,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from services.tokenizer.api_types import GenerateInput, SamplingInput
 from shared.errors import InvalidArgument
-from shared.sampling_rules import check_sampling_scalars
+from shared.sampling_rules import INT32_MAX, check_sampling_scalars
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
@@ -21,10 +21,20 @@ def _require(ok: bool, field: str, message: str) -> None:
         raise InvalidArgument(message, field=field)
 
 
+def _require_text(value: str, field: str) -> None:
+    """JSON can carry lone surrogates ("\\ud800") that no UTF-8 encoder, tokenizer or protobuf takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidArgument(f"must be valid Unicode text, got a lone surrogate at character {e.start}",
+                              field=field) from None
+
+
 def validate_sampling(s: SamplingInput) -> None:
     check_sampling_scalars(s)
     _require(len(s.stop) <= MAX_STOP_STRINGS, "sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings")
     for stop in s.stop:
+        _require_text(stop, "sampling.stop")
         _require(0 < len(stop) <= MAX_STOP_STRING_CHARS, "sampling.stop",
                  f"stop strings must have 1 to {MAX_STOP_STRING_CHARS} characters, got {len(stop)}")
 
@@ -34,14 +44,20 @@ def validate_input(inp: GenerateInput, vocab_size: int, has_chat_template: bool)
     given = [name for name in ("prompt", "messages", "prompt_token_ids") if getattr(inp, name) is not None]
     _require(len(given) == 1, "prompt",
              f"give exactly one of prompt, messages or prompt_token_ids (got {', '.join(given) or 'none'})")
+    for name in ("request_id", "session_id", "cache_salt"):
+        _require_text(getattr(inp, name), name)
+    _require(-INT32_MAX - 1 <= inp.priority <= INT32_MAX, "priority",
+             f"must be a 32-bit signed integer, got {inp.priority}")
     if inp.prompt is not None:
         _require(inp.prompt != "", "prompt", "must not be empty")
+        _require_text(inp.prompt, "prompt")
     if inp.messages is not None:
         _require(len(inp.messages) > 0, "messages", "must not be empty")
         _require(has_chat_template, "messages", "the model has no chat template; send a prompt instead")
         for i, message in enumerate(inp.messages):
             _require(message.role in CHAT_ROLES, f"messages[{i}].role",
                      f"must be one of {', '.join(CHAT_ROLES)}, got {message.role!r}")
+            _require_text(message.content, f"messages[{i}].content")
     if inp.prompt_token_ids is not None:
         _require(len(inp.prompt_token_ids) > 0, "prompt_token_ids", "must not be empty")
         bad = [t for t in inp.prompt_token_ids if not 0 <= t < vocab_size]

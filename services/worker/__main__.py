@@ -13,6 +13,7 @@ from services.worker.executor import Executor
 from services.worker.model_runner import ModelRunner
 from services.worker.null_runner import NullModelRunner
 from services.worker.servicer import WorkerServicer
+from shared.errors import SwitchyardError
 from shared.server import serve
 from shared.telemetry import setup_telemetry, start_metrics_server
 
@@ -37,19 +38,19 @@ async def run(config: WorkerConfig) -> None:
         runner.backend.name, runner.spec.max_model_len,
     )
     servicer = WorkerServicer(Executor(runner), version=config.version, address=config.address)
-    start_metrics_server(config.metrics_port)
+    start_metrics_server(config.metrics_port, config.host, config.tls)
     await serve(
         service_name="worker", register=servicer.register, address=config.address,
-        grace_s=config.grace_s, on_drain=servicer.drain, telemetry=telemetry,
+        grace_s=config.grace_s, on_drain=servicer.drain, telemetry=telemetry, tls=config.tls,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = parse_config(argv)
     try:
+        config = parse_config(argv)
         asyncio.run(run(config))
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, SwitchyardError) as e:
         logger.error("%s", e)
         return 2
     return 0

@@ -9,6 +9,7 @@ import argparse
 from dataclasses import dataclass
 
 from shared.config import env_bool, env_int, env_str
+from shared.tls import TlsConfig, add_tls_arguments, tls_from_args
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class WorkerConfig:
     num_threads: int
     grace_s: float
     null_model: bool = False  # serve with NullModelRunner: no weights, deterministic tokens
+    tls: TlsConfig = TlsConfig()
 
     @property
     def address(self) -> str:
@@ -70,6 +72,7 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
                    default=env_bool("SWITCHYARD_NULL_MODEL", False),
                    help="no weights, no compute: token t is followed by t+1; measures the pipeline alone "
                         "[SWITCHYARD_NULL_MODEL]")
+    add_tls_arguments(p)
     a = p.parse_args(argv)
     return WorkerConfig(
         model_dir=a.model, host=a.host, port=a.port, metrics_port=a.metrics_port, dtype=a.dtype,
@@ -77,4 +80,5 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
         kv_cache_bytes=a.kv_cache_mib * 2**20, attention_backend=a.attention_backend,
         version=a.version_label, model_name=a.model_name, max_model_len=a.max_model_len or None,
         num_threads=a.num_threads, grace_s=a.grace_s, null_model=a.null_model,
+        tls=tls_from_args(a),
     )

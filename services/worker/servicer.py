@@ -1,5 +1,11 @@
 """A thin gRPC shell over the worker's Executor.
 
+Shutdown (SIGTERM) drains rather than drops: health turns NOT_SERVING, Info refuses (so a
+scheduler probing for workers does not adopt one that is leaving), Steps are still served and
+their replies say `draining`, so the scheduler sends no new requests here and moves its queued
+ones elsewhere, and the process stops once the requests it holds are finished and forgotten (or
+the grace runs out and the scheduler recomputes the rest on another worker).
+
 Steps run in one dedicated thread: torch releases the GIL while computing, so the event loop
 stays free to answer health checks and Info while a long prefill runs, and one thread means
 steps never overlap (the scheduler sends one at a time per worker anyway).
@@ -44,12 +50,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
         self._lock = asyncio.Lock()
         self._draining = False
+        self._emptied = asyncio.Event()  # set while draining once no request is held
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         worker_pb2_grpc.add_WorkerServicer_to_server(self, server)
         return [pb.DESCRIPTOR.services_by_name["Worker"].full_name]
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.WorkerInfo:
+        if self._draining:
+            raise Unavailable("worker is shutting down")
         runner = self._executor.runner
         return wire.info_to_pb(
             runner.spec, block_size=runner.block_size, num_blocks=runner.num_blocks, version=self._version,
@@ -57,8 +66,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         )
 
     async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
-        if self._draining:
-            raise Unavailable("worker is shutting down")
         step = wire.step_from_pb(request)
         async with self._lock:
             links = _links(self._executor.trace_contexts(step))
@@ -73,15 +80,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     "switchyard.num_finished_requests": len(step.finished_request_ids),
                 })
         self._metrics.observe_step(result)
-        return wire.result_to_pb(result)
+        if self._draining and not self._executor.requests:
+            self._emptied.set()
+        return wire.result_to_pb(result, draining=self._draining)
 
     async def Reset(self, request: pb.ResetRequest, context: grpc.aio.ServicerContext) -> pb.ResetResponse:
+        if self._draining:
+            raise Unavailable("worker is shutting down")
         async with self._lock:
             return pb.ResetResponse(num_dropped_requests=self._executor.reset())
 
     async def drain(self) -> None:
-        """Refuses new steps and waits for the one in flight, so no step is cut in half."""
+        """Serves the requests it holds to their end (the server's grace bounds this), then waits
+        for the step in flight, so no step is cut in half."""
         self._draining = True
+        if self._executor.requests:
+            await self._emptied.wait()
         async with self._lock:
             pass
         self._thread.shutdown(wait=True)

@@ -95,10 +95,11 @@ def step_to_pb(step: StepInput) -> pb.StepRequest:
     )
 
 
-def result_to_pb(result: StepResult) -> pb.StepResponse:
+def result_to_pb(result: StepResult, *, draining: bool = False) -> pb.StepResponse:
     return pb.StepResponse(
         step_id=result.step_id,
         execute_duration_s=result.execute_duration_s,
+        draining=draining,
         outputs=[
             pb.RequestOutput(
                 request_id=o.request_id,

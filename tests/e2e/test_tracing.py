@@ -2,42 +2,18 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from concurrent import futures
 
 import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp_pb
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otlp_grpc
 from switchyard.api.v1 import generation_pb2 as pb
 from switchyard.api.v1 import generation_pb2_grpc
 
 from deploy.stack import start_stack, stop_stack
 from tests.deploy.test_stack import make_config
+from tests.otlp import otlp_collector
 
 pytestmark = pytest.mark.e2e
-
-
-class Collector(otlp_grpc.TraceServiceServicer):
-    """The OTLP trace endpoint, keeping every span with the service that sent it."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[str, object]] = []
-        self._lock = threading.Lock()
-
-    def Export(self, request, context):  # noqa: N802 (gRPC method name)
-        with self._lock:
-            for resource_spans in request.resource_spans:
-                service = next((a.value.string_value for a in resource_spans.resource.attributes
-                                if a.key == "service.name"), "?")
-                for scope in resource_spans.scope_spans:
-                    self.spans.extend((service, span) for span in scope.spans)
-        return otlp_pb.ExportTraceServiceResponse()
-
-    def named(self, name: str) -> list[tuple[str, object]]:
-        with self._lock:
-            return [(service, span) for service, span in self.spans if span.name == name]
 
 
 def attrs(span) -> dict:
@@ -51,24 +27,17 @@ def attrs(span) -> dict:
 
 @pytest.fixture(scope="module")
 def traced_stack(tiny_model_dir, tmp_path_factory):
-    collector = Collector()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    otlp_grpc.add_TraceServiceServicer_to_server(collector, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
     config = make_config(tmp_path_factory.mktemp("run"), tiny_model_dir,
                          services=("worker", "scheduler", "tokenizer"))
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
-           "OTEL_BSP_SCHEDULE_DELAY": "200"}
-    with pytest.MonkeyPatch.context() as mp:
+    with otlp_collector() as (collector, env), pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
         stack = start_stack(config)
-    try:
-        yield stack, collector
-    finally:
-        stop_stack(config.run_dir, quiet=True)
-        server.stop(0)
+        mp.undo()
+        try:
+            yield stack, collector
+        finally:
+            stop_stack(config.run_dir, quiet=True)
 
 
 def test_one_request_is_one_trace_across_three_processes(traced_stack) -> None:

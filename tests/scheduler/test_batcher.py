@@ -440,3 +440,17 @@ def test_new_request_carries_its_whole_block_table() -> None:
     [new] = batcher.schedule().new_requests
     assert isinstance(new, ScheduledNew)
     assert list(new.block_ids) == batcher.block_manager.block_ids("r") and len(new.block_ids) == 5
+
+
+def test_take_waiting_hands_back_the_queue_and_keeps_the_running() -> None:
+    batcher, worker = make_pair(max_num_seqs=1)
+    running, queued = make_request("run", prompt(5), max_tokens=3), make_request("queued", prompt(5, 9), max_tokens=3)
+    batcher.add(running)
+    batcher.add(queued)
+    step(batcher, worker)
+    assert batcher.take_waiting() == [queued]
+    assert queued.num_computed_tokens == 0 and batcher.get("queued") is None
+    assert (batcher.num_running, batcher.num_waiting) == (1, 0)
+    run_until_idle(batcher, worker)
+    assert running.output_token_ids == expected(running)
+    assert batcher.block_manager.num_blocks_used == 0

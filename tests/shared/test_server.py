@@ -201,3 +201,20 @@ async def test_cancelling_serve_still_shuts_down(probe: Probe) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert events == ["telemetry flushed"]
+
+
+async def test_liveness_check_flips_health_both_ways(probe: Probe) -> None:
+    live = [True]
+    async with GrpcServer(service_name="probe", register=probe.register, address="127.0.0.1:0", grace_s=0.2,
+                          liveness=lambda: live[0], liveness_period_s=0.05) as server:
+        async with insecure_channel(server.target) as channel:
+            assert await _health(channel, SERVICE) == SERVING
+            live[0] = False
+            await asyncio.sleep(0.3)
+            assert await _health(channel, "") == NOT_SERVING
+            assert await _health(channel, SERVICE) == NOT_SERVING
+            live[0] = True
+            await asyncio.sleep(0.3)
+            assert await _health(channel, SERVICE) == SERVING
+            await server.shutdown()
+            live[0] = False  # a stopped server's health is not touched by the watchdog any more
