@@ -40,9 +40,8 @@ async def run(config: TokenizerConfig) -> None:
     start_metrics_server(config.metrics_port, config.host, config.tls)
 
     async def drain() -> None:
-        servicer.draining = True
-        if http is not None:
-            await http.stop()
+        # Both listeners drain together: new calls are refused, calls in flight run to their end.
+        await asyncio.gather(servicer.drain(), *([http.stop()] if http is not None else []))
 
     try:
         await serve(service_name="tokenizer", register=servicer.register, address=config.address,

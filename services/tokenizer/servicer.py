@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -21,6 +22,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self._version = version
         self._max_request_bytes = max_request_bytes
         self._num_live = 0
+        self._idle = asyncio.Event()  # set while no Generate stream is open; drain waits on it
+        self._idle.set()
         self.draining = False
 
     def register(self, server: grpc.aio.Server) -> list[str]:
@@ -35,9 +38,21 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if size > self._max_request_bytes:
             raise InvalidArgument(f"request is {size} bytes, over the {self._max_request_bytes}-byte cap", field="request")
         inp = wire.generate_input_from_pb(request, context.time_remaining())
-        async with aclosing(metrics.observe_chunks("grpc", self._frontend.generate(inp))) as chunks:
-            async for chunk in chunks:
-                yield wire.chunk_to_pb(chunk)
+        self._num_live += 1
+        self._idle.clear()
+        try:
+            async with aclosing(metrics.observe_chunks("grpc", self._frontend.generate(inp))) as chunks:
+                async for chunk in chunks:
+                    yield wire.chunk_to_pb(chunk)
+        finally:
+            self._num_live -= 1
+            if not self._num_live:
+                self._idle.set()
+
+    async def drain(self) -> None:
+        """Refuses new streams and waits for the open ones (the server's grace bounds the wait)."""
+        self.draining = True
+        await self._idle.wait()
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         which = request.WhichOneof("input")

@@ -110,7 +110,17 @@ class Executor:
         for rid in step.finished_request_ids:
             self.requests.pop(rid, None)
         self.requests.update(staged)
+        self.runner.kv_pool.clear_blocks(self._fresh_blocks(step))
         return [s for s in staged.values() if s.num_scheduled_tokens > 0]
+
+    def _fresh_blocks(self, step: StepInput) -> list[int]:
+        """Blocks this step hands to a request for the first time: a new request's blocks past its
+        prefix-cache hit (hits are whole blocks), and a running request's new blocks. They may hold
+        a former owner's K/V, NaN included, in the slots this request has not written yet."""
+        block_size = self.runner.block_size
+        fresh = [b for new in step.new_requests for b in new.block_ids[-(-new.num_computed_tokens // block_size):]]
+        fresh += [b for cached in step.cached_requests for b in cached.new_block_ids]
+        return fresh
 
     def _check_schedulable(self, state: RequestState) -> None:
         field_name = f"requests[{state.request_id}]"

@@ -7,6 +7,7 @@ offers `num_blocks - 1` usable blocks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,3 +60,13 @@ class KVPool:
 
     def is_valid_block(self, block_id: int) -> bool:
         return NULL_BLOCK_ID < block_id < self.shape.num_blocks
+
+    def clear_blocks(self, block_ids: Sequence[int]) -> None:
+        """Zeroes blocks a request has just been given. Attention reads whole blocks and masks the
+        slots past a request's length, but a masked slot still holding NaN from the block's previous
+        owner (a request whose logits went NaN) turns the row NaN anyway: 0 * NaN = NaN."""
+        if not block_ids:
+            return
+        index = torch.tensor(block_ids, dtype=torch.int64, device=self.layers[0].device)
+        for layer in self.layers:
+            layer.index_fill_(1, index, 0)

@@ -44,6 +44,9 @@ class NullKVPool:
     def is_valid_block(self, block_id: int) -> bool:
         return NULL_BLOCK_ID < block_id < self.shape.num_blocks
 
+    def clear_blocks(self, block_ids: object) -> None:
+        """Nothing to clear: there is no KV."""
+
 
 def next_token(token_id: int, vocab_size: int) -> int:
     """The token the null model picks after `token_id` (greedy)."""

@@ -116,9 +116,7 @@ async def test_no_tokens_while_requests_run_turns_health_not_serving(stack) -> N
             return await asyncio.to_thread(check_health, scheduler, service) == "SERVING"
 
         await wait_for(serving, 5.0, "SERVING again once tokens flow")
-        async for response in stream:
-            tokens += response.token_ids
-        assert len(tokens) == 300
+        assert len(await _finish(stream, tokens)) == 300
 
 
 async def _start(api, prompt: str, max_tokens: int):
@@ -128,7 +126,8 @@ async def _start(api, prompt: str, max_tokens: int):
 
 
 async def _finish(stream, tokens: list[int]) -> list[int]:
-    async for response in stream:
+    """The rest of a stream read with `read()` (grpc.aio forbids mixing it with iteration)."""
+    while (response := await stream.read()) is not grpc.aio.EOF:
         tokens = tokens + list(response.token_ids)
     return tokens
 
@@ -191,9 +190,7 @@ async def test_sigterm_drains_each_service_in_turn(stack) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await _finish(direct.Generate(sched_pb.GenerateRequest(prompt_token_ids=[5], sampling=sampling), timeout=10), [])
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-        async for event in stream:
-            tokens += event.token_ids
-        assert len(tokens) == 200
+        assert len(await _finish(stream, tokens)) == 200
         await _gone(scheduler.pid, GRACE_S)
 
     # The last worker, idle, leaves at once; nothing of the stack is left running.
