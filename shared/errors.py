@@ -183,9 +183,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         wrapped = self._wrap(behavior, method, handler.response_streaming)
         if wrapped is behavior:
             return handler
+        deserializer = handler.request_deserializer
+        if not handler.request_streaming and deserializer is not None:
+            deserializer = _lenient(deserializer)
         return factory(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
 
@@ -198,6 +201,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if response_streaming:
 
             async def stream_wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                if isinstance(request, _Undecodable):
+                    await _abort(context, request.error(), method)
                 produced = behavior(request, context)
                 try:
                     if inspect.isawaitable(produced):
@@ -219,6 +224,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return stream_wrapper
 
         async def unary_wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                await _abort(context, request.error(), method)
             try:
                 return await behavior(request, context)
             except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -237,6 +244,28 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             yield  # pragma: no cover - makes this an async generator; abort always raises
 
         return refuse
+
+
+class _Undecodable:
+    """Stands in for a request message whose bytes did not parse (corrupt wire format, or a string
+    field that is not UTF-8, such as an encoded lone surrogate). grpc would answer a deserializer's
+    exception with UNKNOWN; the handler wrapper answers this with INVALID_ARGUMENT instead."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(f"the message does not parse: {self.reason}", field="request")
+
+
+def _lenient(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, or anything a parser raises
+            return _Undecodable(str(e) or type(e).__name__)
+
+    return deserialize
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> NoReturn:

@@ -11,6 +11,7 @@ import grpc.aio
 import pytest
 
 from shared.errors import (
+    FIELD_KEY,
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
@@ -184,3 +185,27 @@ async def test_interceptor_may_refuse_with_typed_error(probe: Probe) -> None:
 
 def test_failed_precondition_has_no_field_by_default() -> None:
     assert FailedPrecondition("x").field is None
+
+
+@pytest.mark.parametrize("payload", [b"\x0a\x03\xed\xa0\x80", b"\x0a\x05ab", b"\xff\xff\xff"])
+async def test_a_message_that_does_not_parse_is_invalid_argument_not_unknown(payload: bytes) -> None:
+    """Invalid UTF-8 in a string field (an encoded lone surrogate), a truncated field, garbage."""
+    from grpc_health.v1 import health_pb2  # noqa: PLC0415 - any generated message will do
+
+    async def echo(request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> bytes:
+        return request.service.encode()
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        handler = grpc.unary_unary_rpc_method_handler(
+            echo, request_deserializer=health_pb2.HealthCheckRequest.FromString)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.v1.Parse", {"Echo": handler}),))
+        return ["test.v1.Parse"]
+
+    async with GrpcServer(service_name="parse", register=register, address="127.0.0.1:0", grace_s=0.2) as server:
+        async with insecure_channel(server.target) as channel:
+            call = channel.unary_unary("/test.v1.Parse/Echo")
+            assert await call(b"\x0a\x02ok", timeout=5) == b"ok"
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await call(payload, timeout=5)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert dict(e.value.trailing_metadata())[FIELD_KEY] == "request"
