@@ -203,7 +203,6 @@ class Batcher:
             request = self._requests.pop(rid)
             del self._keys[rid]
             self._waiting_on.pop(rid, None)
-            request.num_computed_tokens = 0
             taken.append(request)
         self._waiting.clear()
         return taken

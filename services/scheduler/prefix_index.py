@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from shared.errors import InvalidArgument
@@ -79,15 +79,13 @@ class PrefixIndex:
     def match(self, token_ids: Sequence[int], cache_salt: str, keys: Sequence[bytes] | None = None) -> list[int]:
         """Block ids of the longest indexed full-block prefix of `token_ids` (token-compared).
 
-        `keys`, if given, is `chain(token_ids, cache_salt)` computed earlier, so nothing is hashed twice.
+        `keys`, if given, is `chain(token_ids, cache_salt)` computed earlier, so nothing is hashed
+        twice; without them only the blocks up to the first miss are hashed.
         """
         block_ids: list[int] = []
-        parent_hash = ROOT_HASH
         size = self.block_size
-        for i, start in enumerate(range(0, len(token_ids) - size + 1, size)):
-            block_tokens = tuple(token_ids[start:start + size])
-            parent_hash = keys[i] if keys is not None else self.hash_of(parent_hash, block_tokens, cache_salt)
-            block_id = self.get(parent_hash, block_tokens, cache_salt)
+        for i, key in enumerate(keys if keys is not None else self._keys(token_ids, cache_salt)):
+            block_id = self.get(key, token_ids[i * size:(i + 1) * size], cache_salt)
             if block_id is None:
                 break
             block_ids.append(block_id)
@@ -95,13 +93,14 @@ class PrefixIndex:
 
     def chain(self, token_ids: Sequence[int], cache_salt: str) -> list[bytes]:
         """The keys of every full block of `token_ids`, in order (indexed or not)."""
-        keys: list[bytes] = []
+        return list(self._keys(token_ids, cache_salt))
+
+    def _keys(self, token_ids: Sequence[int], cache_salt: str) -> Iterator[bytes]:
         parent_hash = ROOT_HASH
         size = self.block_size
         for start in range(0, len(token_ids) - size + 1, size):
-            parent_hash = self.hash_of(parent_hash, tuple(token_ids[start:start + size]), cache_salt)
-            keys.append(parent_hash)
-        return keys
+            parent_hash = self.hash_of(parent_hash, token_ids[start:start + size], cache_salt)
+            yield parent_hash
 
     def insert(self, block_hash: bytes, block_id: int, token_ids: Sequence[int], cache_salt: str) -> bool:
         """Indexes `block_id` under `block_hash`; False (and no change) if the key is already taken.
