@@ -54,6 +54,19 @@ def _eos_ids(config: object, model_dir: Path) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
+def kv_pool_shape(spec: ModelSpec, block_size: int, num_blocks: int | None, kv_cache_bytes: int | None,
+                  dtype: torch.dtype) -> KVPoolShape:
+    """The KV pool for `spec`: `num_blocks` if given, else as many as `kv_cache_bytes` (256 MiB) hold."""
+    if num_blocks is None:
+        num_blocks = num_blocks_for_budget(
+            kv_cache_bytes or 256 * 2**20, num_layers=spec.num_layers, block_size=block_size,
+            num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=dtype,
+        )
+    if num_blocks < 2:
+        raise ValueError(f"num_blocks: need at least 2 (one is the null block), got {num_blocks}")
+    return KVPoolShape(spec.num_layers, num_blocks, block_size, spec.num_kv_heads, spec.head_dim, dtype)
+
+
 class ModelRunner:
     """Owns the model, its KV pool and the attention backend; runs one forward pass per step."""
 
@@ -103,19 +116,8 @@ class ModelRunner:
             num_kv_heads=int(num_kv_heads),
             head_dim=int(attn.head_dim),
         )
-        if num_blocks is None:
-            num_blocks = num_blocks_for_budget(
-                kv_cache_bytes or 256 * 2**20,
-                num_layers=self.spec.num_layers, block_size=block_size,
-                num_kv_heads=self.spec.num_kv_heads, head_dim=self.spec.head_dim, dtype=torch_dtype,
-            )
-        if num_blocks < 2:
-            raise ValueError(f"num_blocks: need at least 2 (one is the null block), got {num_blocks}")
-        self.kv_pool = KVPool(
-            KVPoolShape(self.spec.num_layers, num_blocks, block_size, self.spec.num_kv_heads,
-                        self.spec.head_dim, torch_dtype),
-            self.device,
-        )
+        self.kv_pool = KVPool(kv_pool_shape(self.spec, block_size, num_blocks, kv_cache_bytes, torch_dtype),
+                              self.device)
         self.backend = select_backend(str(self.device), attention_backend)
 
     @property

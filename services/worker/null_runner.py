@@ -23,8 +23,8 @@ from types import SimpleNamespace
 import torch
 
 from services.worker.kernels import AttentionMetadata
-from services.worker.kv_pool import NULL_BLOCK_ID, KVPoolShape, num_blocks_for_budget
-from services.worker.model_runner import ModelSpec, _eos_ids, parse_dtype
+from services.worker.kv_pool import NULL_BLOCK_ID, KVPoolShape
+from services.worker.model_runner import ModelSpec, _eos_ids, kv_pool_shape, parse_dtype
 
 NULL_LOGIT = 1.0e4  # the chosen token's logit; every other logit is 0
 
@@ -93,16 +93,7 @@ class NullModelRunner:
             num_kv_heads=int(text.get("num_key_value_heads") or num_heads),
             head_dim=int(head_dim),
         )
-        if num_blocks is None:
-            num_blocks = num_blocks_for_budget(
-                kv_cache_bytes or 256 * 2**20,
-                num_layers=self.spec.num_layers, block_size=block_size,
-                num_kv_heads=self.spec.num_kv_heads, head_dim=self.spec.head_dim, dtype=torch_dtype,
-            )
-        if num_blocks < 2:
-            raise ValueError(f"num_blocks: need at least 2 (one is the null block), got {num_blocks}")
-        self.kv_pool = NullKVPool(KVPoolShape(self.spec.num_layers, num_blocks, block_size,
-                                              self.spec.num_kv_heads, self.spec.head_dim, torch_dtype))
+        self.kv_pool = NullKVPool(kv_pool_shape(self.spec, block_size, num_blocks, kv_cache_bytes, torch_dtype))
         self.device = torch.device(device)
         self.backend = NullBackend()
 
