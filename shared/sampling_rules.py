@@ -7,15 +7,39 @@ rules and their messages are one set, so a client hears the same refusal from ei
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import InvalidArgument
 
 MAX_NUM_LOGPROBS = 20
+# The optional scalars of the public SamplingParams, in proto order (unset on the wire is None here).
+SCALAR_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "seed", "ignore_eos", "logprobs")
 # What the wire's fixed-width fields hold (SamplingParams.top_k is int32, seed int64); JSON has no
 # such limits, so a larger value must be refused here rather than fail while building the message.
 INT32_MAX = (1 << 31) - 1
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class SamplingFields:
+    """The public SamplingParams as a client sent them; None means unset (OpenAI defaults apply
+    downstream). The front door uses every field; the scheduler leaves `stop` (strings) empty."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool | None = None
+    logprobs: int | None = None
 
 
 def require(ok: bool, field: str, message: str) -> None:

@@ -12,27 +12,12 @@ from dataclasses import dataclass
 
 from services.scheduler.request import Request, WorkerSampling
 from shared.errors import InvalidArgument
-from shared.sampling_rules import check_sampling_scalars
+from shared.sampling_rules import SamplingFields, check_sampling_scalars
 
 DEFAULT_MAX_TOKENS = 16
 
 
-@dataclass(frozen=True)
-class ClientSampling:
-    """Sampling fields as the client sent them; None means unset."""
-
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool | None = None
-    logprobs: int | None = None
+ClientSampling = SamplingFields  # as the client sent them; stop strings are the front door's, left empty
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from services.scheduler.admission import ClientSampling, Submission
 from services.scheduler.batcher import RequestEvent, RequestOutput, StepPlan
 from services.scheduler.request import FinishReason, Request, TokenLogprob, WorkerSampling
 from services.scheduler.worker_spec import WorkerSpec
+from shared.sampling_rules import SCALAR_FIELDS
 
 _FINISH_TO_PB = {
     None: api_pb.FINISH_REASON_UNSPECIFIED,
@@ -20,25 +21,9 @@ _FINISH_TO_PB = {
 }
 
 
-def _optional(msg, name: str):  # noqa: ANN001, ANN202 (protobuf message, any scalar)
-    return getattr(msg, name) if msg.HasField(name) else None
-
-
 def client_sampling_from_pb(s: api_pb.SamplingParams) -> ClientSampling:
-    return ClientSampling(
-        max_tokens=_optional(s, "max_tokens"),
-        temperature=_optional(s, "temperature"),
-        top_k=_optional(s, "top_k"),
-        top_p=_optional(s, "top_p"),
-        min_p=_optional(s, "min_p"),
-        repetition_penalty=_optional(s, "repetition_penalty"),
-        presence_penalty=_optional(s, "presence_penalty"),
-        frequency_penalty=_optional(s, "frequency_penalty"),
-        seed=_optional(s, "seed"),
-        stop_token_ids=tuple(s.stop_token_ids),
-        ignore_eos=_optional(s, "ignore_eos"),
-        logprobs=_optional(s, "logprobs"),
-    )
+    scalars = {name: getattr(s, name) if s.HasField(name) else None for name in SCALAR_FIELDS}
+    return ClientSampling(**scalars, stop_token_ids=tuple(s.stop_token_ids))
 
 
 def submission_from_pb(msg: pb.GenerateRequest, timeout_s: float | None) -> Submission:

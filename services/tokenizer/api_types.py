@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shared.sampling_rules import SamplingFields
+
 
 @dataclass(frozen=True)
 class ChatMessage:
@@ -11,23 +13,7 @@ class ChatMessage:
     content: str
 
 
-@dataclass(frozen=True)
-class SamplingInput:
-    """The public SamplingParams; None means unset (OpenAI defaults apply downstream)."""
-
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool | None = None
-    logprobs: int | None = None
+SamplingInput = SamplingFields  # the public SamplingParams, one definition for every service
 
 
 @dataclass(frozen=True)

@@ -9,16 +9,11 @@ from __future__ import annotations
 
 from services.tokenizer.api_types import GenerateInput, SamplingInput
 from shared.errors import InvalidArgument
-from shared.sampling_rules import INT32_MAX, check_sampling_scalars
+from shared.sampling_rules import INT32_MAX, check_sampling_scalars, require
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-
-
-def _require(ok: bool, field: str, message: str) -> None:
-    if not ok:
-        raise InvalidArgument(message, field=field)
 
 
 def _require_text(value: str, field: str) -> None:
@@ -32,44 +27,44 @@ def _require_text(value: str, field: str) -> None:
 
 def validate_sampling(s: SamplingInput) -> None:
     check_sampling_scalars(s)
-    _require(len(s.stop) <= MAX_STOP_STRINGS, "sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings")
+    require(len(s.stop) <= MAX_STOP_STRINGS, "sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings")
     for stop in s.stop:
         _require_text(stop, "sampling.stop")
-        _require(0 < len(stop) <= MAX_STOP_STRING_CHARS, "sampling.stop",
+        require(0 < len(stop) <= MAX_STOP_STRING_CHARS, "sampling.stop",
                  f"stop strings must have 1 to {MAX_STOP_STRING_CHARS} characters, got {len(stop)}")
 
 
 def validate_input(inp: GenerateInput, vocab_size: int, has_chat_template: bool) -> None:
     """Field checks that need no tokenization."""
     given = [name for name in ("prompt", "messages", "prompt_token_ids") if getattr(inp, name) is not None]
-    _require(len(given) == 1, "prompt",
+    require(len(given) == 1, "prompt",
              f"give exactly one of prompt, messages or prompt_token_ids (got {', '.join(given) or 'none'})")
     for name in ("request_id", "session_id", "cache_salt"):
         _require_text(getattr(inp, name), name)
-    _require(-INT32_MAX - 1 <= inp.priority <= INT32_MAX, "priority",
+    require(-INT32_MAX - 1 <= inp.priority <= INT32_MAX, "priority",
              f"must be a 32-bit signed integer, got {inp.priority}")
     if inp.prompt is not None:
-        _require(inp.prompt != "", "prompt", "must not be empty")
+        require(inp.prompt != "", "prompt", "must not be empty")
         _require_text(inp.prompt, "prompt")
     if inp.messages is not None:
-        _require(len(inp.messages) > 0, "messages", "must not be empty")
-        _require(has_chat_template, "messages", "the model has no chat template; send a prompt instead")
+        require(len(inp.messages) > 0, "messages", "must not be empty")
+        require(has_chat_template, "messages", "the model has no chat template; send a prompt instead")
         for i, message in enumerate(inp.messages):
-            _require(message.role in CHAT_ROLES, f"messages[{i}].role",
+            require(message.role in CHAT_ROLES, f"messages[{i}].role",
                      f"must be one of {', '.join(CHAT_ROLES)}, got {message.role!r}")
             _require_text(message.content, f"messages[{i}].content")
     if inp.prompt_token_ids is not None:
-        _require(len(inp.prompt_token_ids) > 0, "prompt_token_ids", "must not be empty")
+        require(len(inp.prompt_token_ids) > 0, "prompt_token_ids", "must not be empty")
         bad = [t for t in inp.prompt_token_ids if not 0 <= t < vocab_size]
-        _require(not bad, "prompt_token_ids", f"ids must be in [0, {vocab_size}), got {bad[:5]}")
+        require(not bad, "prompt_token_ids", f"ids must be in [0, {vocab_size}), got {bad[:5]}")
     bad_stop_ids = [t for t in inp.sampling.stop_token_ids if not 0 <= t < vocab_size]
-    _require(not bad_stop_ids, "sampling.stop_token_ids", f"ids must be in [0, {vocab_size}), got {bad_stop_ids[:5]}")
-    _require(inp.timeout_s is None or inp.timeout_s > 0, "deadline", "already passed")
+    require(not bad_stop_ids, "sampling.stop_token_ids", f"ids must be in [0, {vocab_size}), got {bad_stop_ids[:5]}")
+    require(inp.timeout_s is None or inp.timeout_s > 0, "deadline", "already passed")
     validate_sampling(inp.sampling)
 
 
 def validate_length(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
     total = num_prompt_tokens + max_tokens
-    _require(total <= max_model_len, "sampling.max_tokens",
+    require(total <= max_model_len, "sampling.max_tokens",
              f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds the model's "
              f"maximum length of {max_model_len} tokens")

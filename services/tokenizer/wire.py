@@ -9,6 +9,7 @@ from switchyard.scheduler.v1 import scheduler_pb2 as sched_pb
 from services.tokenizer.api_types import (
     ChatMessage, GenerateChunk, GenerateInput, SamplingInput, SchedulerEvent, TokenLogprob,
 )
+from shared.sampling_rules import SCALAR_FIELDS
 
 _FINISH_FROM_PB = {
     api_pb.FINISH_REASON_UNSPECIFIED: None,
@@ -17,17 +18,15 @@ _FINISH_FROM_PB = {
     api_pb.FINISH_REASON_ABORT: "abort",
 }
 _FINISH_TO_PB = {v: k for k, v in _FINISH_FROM_PB.items()}
-_SCALARS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-            "frequency_penalty", "seed", "ignore_eos", "logprobs")
 
 
 def sampling_from_pb(s: api_pb.SamplingParams) -> SamplingInput:
-    scalars = {name: getattr(s, name) if s.HasField(name) else None for name in _SCALARS}
+    scalars = {name: getattr(s, name) if s.HasField(name) else None for name in SCALAR_FIELDS}
     return SamplingInput(**scalars, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids))
 
 
 def sampling_to_pb(s: SamplingInput) -> api_pb.SamplingParams:
-    scalars = {name: getattr(s, name) for name in _SCALARS if getattr(s, name) is not None}
+    scalars = {name: getattr(s, name) for name in SCALAR_FIELDS if getattr(s, name) is not None}
     return api_pb.SamplingParams(**scalars, stop=s.stop, stop_token_ids=s.stop_token_ids)
 
 
