@@ -8,8 +8,11 @@ from concurrent import futures
 from contextlib import contextmanager
 
 import grpc
+import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp_pb
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otlp_grpc
+
+from deploy.stack import Stack, StackConfig, start_stack, stop_stack
 
 
 class Collector(otlp_grpc.TraceServiceServicer):
@@ -50,3 +53,17 @@ def otlp_collector() -> Iterator[tuple[Collector, dict[str, str]]]:
                           "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_BSP_SCHEDULE_DELAY": "200"}
     finally:
         server.stop(0)
+
+
+@contextmanager
+def stack_with_collector(config: StackConfig) -> Iterator[tuple[Stack, Collector]]:
+    """The stack of `config` exporting its spans to a fresh collector; stopped on exit."""
+    with otlp_collector() as (collector, env):
+        with pytest.MonkeyPatch.context() as mp:  # only the children see the exporter settings
+            for key, value in env.items():
+                mp.setenv(key, value)
+            stack = start_stack(config)
+        try:
+            yield stack, collector
+        finally:
+            stop_stack(config.run_dir, quiet=True)

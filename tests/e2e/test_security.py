@@ -19,11 +19,11 @@ import pytest
 from switchyard.api.v1 import generation_pb2 as pb
 from switchyard.api.v1 import generation_pb2_grpc
 
-from deploy.stack import HEALTH_NAMES, check_health, start_stack, stop_stack
+from deploy.stack import HEALTH_NAMES, check_health
 from shared.channel import open_channel
 from shared.tls import TlsConfig
 from tests.deploy.test_stack import make_config
-from tests.otlp import otlp_collector
+from tests.otlp import stack_with_collector
 from tests.reference import assert_greedy_matches, hf_greedy
 from tests.security.certs import CertificateAuthority, Identity
 
@@ -49,15 +49,8 @@ def secure(tiny_model_dir, tmp_path_factory, pki):
                          tls=pki["service"].tls(),
                          tokenizer_args=("--api-keys-file", str(run_dir / "keys"), "--rate-limit-per-s",
                                          str(RATE_PER_S), "--rate-limit-burst", str(BURST)))
-    with otlp_collector() as (collector, env), pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        stack = start_stack(config)
-        mp.undo()
-        try:
-            yield stack, collector
-        finally:
-            stop_stack(config.run_dir, quiet=True)
+    with stack_with_collector(config) as running:
+        yield running
 
 
 def greedy(prompt: str, max_tokens: int = 12) -> pb.GenerateRequest:

@@ -9,9 +9,8 @@ import pytest
 from switchyard.api.v1 import generation_pb2 as pb
 from switchyard.api.v1 import generation_pb2_grpc
 
-from deploy.stack import start_stack, stop_stack
 from tests.deploy.test_stack import make_config
-from tests.otlp import otlp_collector
+from tests.otlp import stack_with_collector
 
 pytestmark = pytest.mark.e2e
 
@@ -29,15 +28,8 @@ def attrs(span) -> dict:
 def traced_stack(tiny_model_dir, tmp_path_factory):
     config = make_config(tmp_path_factory.mktemp("run"), tiny_model_dir,
                          services=("worker", "scheduler", "tokenizer"))
-    with otlp_collector() as (collector, env), pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        stack = start_stack(config)
-        mp.undo()
-        try:
-            yield stack, collector
-        finally:
-            stop_stack(config.run_dir, quiet=True)
+    with stack_with_collector(config) as running:
+        yield running
 
 
 def test_one_request_is_one_trace_across_three_processes(traced_stack) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from services.scheduler.batcher import RequestOutput, ScheduledNew
+from services.scheduler.batcher import Batcher, RequestOutput, ScheduledNew
 from services.scheduler.request import FinishReason, Request, RequestStatus, TokenLogprob
 from shared.errors import InvalidArgument
-from tests.scheduler.fakes import greedy_tokens, make_pair, make_request, run_until_idle, step
+from tests.scheduler.fakes import FakeWorker, greedy_tokens, make_pair, make_request, run_until_idle, step
 
 
 def prompt(n: int, start: int = 1) -> list[int]:
@@ -136,12 +136,18 @@ def test_a_prefix_being_computed_is_waited_for_not_computed_twice() -> None:
     assert second.output_token_ids == expected(second) and other.output_token_ids == expected(other)
 
 
-def test_a_waiter_computes_the_rest_itself_when_its_owner_is_aborted() -> None:
+def owner_and_waiter() -> tuple[Batcher, FakeWorker, Request, Request]:
+    """Two requests with one 24-token prompt; the owner's prompt takes three 8-token steps."""
     batcher, worker = make_pair(block_size=4, max_num_batched_tokens=8)
     owner = make_request("owner", prompt(24), max_tokens=3)
     waiter = make_request("waiter", prompt(24), max_tokens=3)
     batcher.add(owner)
     batcher.add(waiter)
+    return batcher, worker, owner, waiter
+
+
+def test_a_waiter_computes_the_rest_itself_when_its_owner_is_aborted() -> None:
+    batcher, worker, owner, waiter = owner_and_waiter()
     plan, _ = step(batcher, worker)
     assert [n.request.request_id for n in plan.new_requests] == ["owner"]
     batcher.abort("owner")
@@ -154,11 +160,7 @@ def test_a_waiter_computes_the_rest_itself_when_its_owner_is_aborted() -> None:
 
 
 def test_a_preempted_owner_goes_first_again_and_the_waiter_keeps_waiting() -> None:
-    batcher, worker = make_pair(block_size=4, max_num_batched_tokens=8)
-    owner = make_request("owner", prompt(24), max_tokens=3)
-    waiter = make_request("waiter", prompt(24), max_tokens=3)
-    batcher.add(owner)
-    batcher.add(waiter)
+    batcher, worker, owner, waiter = owner_and_waiter()
     step(batcher, worker)
     batcher._preempt(owner, {})  # what a full pool does to the newest, lowest-priority request
     plan, _ = step(batcher, worker)

@@ -408,16 +408,19 @@ async def test_extras_reach_the_frontend_and_small_limit_applies() -> None:
         await server.stop()
 
 
-async def test_disconnect_closes_the_frontend_stream() -> None:
-    class Endless(ScriptedFrontend):
-        async def generate(self, inp: GenerateInput) -> AsyncIterator[GenerateChunk]:
-            try:
-                while True:
-                    yield GenerateChunk(inp.request_id, "x", (1,), (), None)
-                    await asyncio.sleep(0.01)
-            finally:
-                self.closed.set()
+class Endless(ScriptedFrontend):
+    """Streams "x" until the consumer goes away, then says so."""
 
+    async def generate(self, inp: GenerateInput) -> AsyncIterator[GenerateChunk]:
+        try:
+            while True:
+                yield GenerateChunk(inp.request_id, "x", (1,), (), None)
+                await asyncio.sleep(0.01)
+        finally:
+            self.closed.set()
+
+
+async def test_disconnect_closes_the_frontend_stream() -> None:
     frontend = Endless(None)
     server, client = await scripted(frontend)
     try:
@@ -433,15 +436,6 @@ async def test_disconnect_closes_the_frontend_stream() -> None:
 
 async def test_stop_ends_streams_after_the_grace_and_leaves_signals_alone() -> None:
     import signal  # noqa: PLC0415
-
-    class Endless(ScriptedFrontend):
-        async def generate(self, inp: GenerateInput) -> AsyncIterator[GenerateChunk]:
-            try:
-                while True:
-                    yield GenerateChunk(inp.request_id, "x", (1,), (), None)
-                    await asyncio.sleep(0.01)
-            finally:
-                self.closed.set()
 
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     frontend = Endless(None)
