@@ -54,6 +54,7 @@ class WorkerLoop:
         self.batcher: Batcher | None = None
         self.up = False
         self.num_steps = 0
+        self.in_step = False  # a Step RPC is in flight (its plan was made before any abort that follows)
         self._on_events = on_events
         self._on_down = on_down
         self._on_up = on_up
@@ -150,7 +151,11 @@ class WorkerLoop:
             for scheduled in plan.new_requests:
                 if scheduled.request.first_scheduled_s is None:
                     scheduled.request.first_scheduled_s = now
-            reply = await self._stub.Step(wire.plan_to_pb(plan), timeout=self._step_timeout_s)
+            self.in_step = True
+            try:
+                reply = await self._stub.Step(wire.plan_to_pb(plan), timeout=self._step_timeout_s)
+            finally:
+                self.in_step = False
             self.num_steps += 1
             events = batcher.update(plan, wire.outputs_from_pb(reply))
             if events:
