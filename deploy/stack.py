@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.channel import open_sync_channel
 from shared.config import ConfigError, env_float, env_int, env_str
 from shared.errors import InvalidArgument
 from shared.tls import TlsConfig
@@ -216,16 +217,10 @@ def is_alive(pid: int) -> bool:
         return True
 
 
-def _health_channel(address: str, tls: TlsConfig | None) -> grpc.Channel:
-    if tls is None or not tls.enabled:
-        return grpc.insecure_channel(address)
-    return grpc.secure_channel(address, tls.channel_credentials())
-
-
 def check_health(address: str, service: str, timeout_s: float = 1.0, tls: TlsConfig | None = None) -> str:
     """The health status name of `service` at `address`, or "UNREACHABLE"."""
     try:
-        with _health_channel(address, tls) as channel:
+        with open_sync_channel(address, tls) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

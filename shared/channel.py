@@ -64,3 +64,10 @@ def open_channel(
         return insecure_channel(address, interceptors=interceptors)
     return grpc.aio.secure_channel(address, tls.channel_credentials(), options=list(CHANNEL_OPTIONS),
                                    interceptors=interceptors)
+
+
+def open_sync_channel(address: str, tls: TlsConfig | None = None) -> grpc.Channel:
+    """A blocking channel for command-line tools and health checks: TLS when `tls` is set."""
+    if tls is None or not tls.enabled:
+        return grpc.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+    return grpc.secure_channel(address, tls.channel_credentials(), options=list(CHANNEL_OPTIONS))

@@ -4,12 +4,15 @@ suite starts separate processes instead."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 from switchyard.api.v1 import generation_pb2_grpc
 from switchyard.scheduler.v1 import scheduler_pb2_grpc
 
 from services.scheduler.fleet import Fleet, FleetConfig
 from services.scheduler.router import PoolConfig
-from services.scheduler.servicer import SchedulerServicer
+from services.scheduler.servicer import AdminServicer, SchedulerServicer
 from services.tokenizer.codec import Codec
 from services.tokenizer.frontend import Frontend
 from services.tokenizer.scheduler_client import SchedulerClient
@@ -23,10 +26,22 @@ from shared.server import GrpcServer
 BLOCK_SIZE = 16
 
 
+@dataclass(frozen=True)
+class PoolSpec:
+    name: str
+    version: str
+    weight: float
+    model_dir: Path
+    num_workers: int = 1
+
+
 class Stack:
     def __init__(self, model_dir, num_blocks: int = 512, max_num_batched_tokens: int = 256,
-                 front_door: bool = False, num_workers: int = 2, **fleet_kw) -> None:
+                 front_door: bool = False, num_workers: int = 2, pools: tuple[PoolSpec, ...] = (),
+                 **fleet_kw) -> None:
+        """`pools` replaces the default pool of `num_workers` workers on `model_dir`."""
         self.model_dir = model_dir
+        self.pool_specs = pools or (PoolSpec("default", "v1", 1.0, model_dir, num_workers),)
         self.num_blocks = num_blocks
         self.max_num_batched_tokens = max_num_batched_tokens
         self.front_door = front_door
@@ -43,20 +58,26 @@ class Stack:
         return server
 
     async def __aenter__(self) -> "Stack":
-        for _ in range(self.num_workers):
-            runner = ModelRunner(self.model_dir, num_blocks=self.num_blocks, block_size=BLOCK_SIZE)
-            servicer = WorkerServicer(Executor(runner), version="v1")
-            self.workers.append(await self._serve("worker", servicer.register, servicer.drain))
-        self.addresses = [f"127.0.0.1:{w.bound_port}" for w in self.workers]
-        pool = PoolConfig("default", "v1", 1.0, tuple(self.addresses))
-        self.fleet = Fleet(FleetConfig(pools=(pool,), max_num_batched_tokens=self.max_num_batched_tokens,
-                                       probe_interval_s=0.2, router_seed=0, **self.fleet_kw))
+        pools = []
+        for spec in self.pool_specs:
+            addresses = []
+            for _ in range(spec.num_workers):
+                runner = ModelRunner(spec.model_dir, num_blocks=self.num_blocks, block_size=BLOCK_SIZE)
+                servicer = WorkerServicer(Executor(runner), version=spec.version)
+                self.workers.append(await self._serve("worker", servicer.register, servicer.drain))
+                addresses.append(f"127.0.0.1:{self.workers[-1].bound_port}")
+            pools.append(PoolConfig(spec.name, spec.version, spec.weight, tuple(addresses)))
+        self.addresses = [a for pool in pools for a in pool.worker_addresses]
+        self.fleet = Fleet(FleetConfig(pools=tuple(pools), max_num_batched_tokens=self.max_num_batched_tokens,
+                                       **{"probe_interval_s": 0.2, "router_seed": 0, **self.fleet_kw}))
         await self.fleet.start(wait_s=30)
-        servicer = SchedulerServicer(self.fleet)
-        self.scheduler = await self._serve("scheduler", servicer.register, servicer.drain)
+        servicer, admin = SchedulerServicer(self.fleet), AdminServicer(self.fleet)
+        self.scheduler = await self._serve("scheduler", lambda server: servicer.register(server) + admin.register(server),
+                                           servicer.drain)
         self.scheduler_address = f"127.0.0.1:{self.scheduler.bound_port}"
         self.channel = insecure_channel(self.scheduler_address)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
+        self.admin = scheduler_pb2_grpc.SchedulerAdminStub(self.channel)
         if self.front_door:
             self.scheduler_client = SchedulerClient(self.scheduler_address)
             self.frontend = Frontend(Codec(self.model_dir), self.scheduler_client, model_name="tiny-llama")

@@ -8,7 +8,7 @@ import sys
 
 from services.scheduler.config import SchedulerConfig, parse_config
 from services.scheduler.fleet import Fleet
-from services.scheduler.servicer import SchedulerServicer
+from services.scheduler.servicer import AdminServicer, SchedulerServicer
 from shared.config import ConfigError
 from shared.errors import SwitchyardError
 from shared.server import serve
@@ -25,13 +25,18 @@ async def run(config: SchedulerConfig) -> None:
     if down:
         logger.warning("serving without workers %s; they join when they answer", down)
     servicer = SchedulerServicer(fleet)
+    admin = AdminServicer(fleet)
+
+    def register(server) -> list[str]:
+        return servicer.register(server) + admin.register(server)
+
     start_metrics_server(config.metrics_port, config.host, config.tls)
     liveness = None
     if config.liveness_timeout_s > 0:
         def liveness() -> bool:
             return fleet.stalled_for_s() < config.liveness_timeout_s
     try:
-        await serve(service_name="scheduler", register=servicer.register, address=config.address,
+        await serve(service_name="scheduler", register=register, address=config.address,
                     grace_s=config.grace_s, on_drain=servicer.drain, telemetry=telemetry, tls=config.tls,
                     liveness=liveness, liveness_period_s=min(1.0, config.liveness_timeout_s / 4))
     finally:

@@ -3,6 +3,8 @@
 Pools come from a JSON file (`--pools-file`, `SWITCHYARD_POOLS_FILE`):
     {"pools": [{"name": "stable", "version": "v1", "weight": 90, "workers": ["127.0.0.1:50061"]},
                {"name": "canary", "version": "v2", "weight": 10, "workers": ["127.0.0.1:50062"]}]}
+where a pool may name `"dns": "host:port"` instead of (or besides) `workers`: every address record of
+the host is a worker, re-resolved every `--discovery-interval-s` (a Kubernetes headless Service),
 or, for the simple case, from a worker list (`--workers`, `SWITCHYARD_WORKER_ADDRESSES`) that
 forms one pool named "default". This is the only scheduler module that reads the environment.
 """
@@ -14,8 +16,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.scheduler.canary import RollbackPolicy
 from services.scheduler.fleet import FleetConfig
 from services.scheduler.router import PoolConfig
+from shared.errors import InvalidArgument
 from shared.config import ConfigError, env_float, env_int, env_list, env_str
 from shared.tls import TlsConfig, add_tls_arguments, tls_from_args
 
@@ -39,13 +43,19 @@ class SchedulerConfig:
 def load_pools(path: str) -> tuple[PoolConfig, ...]:
     try:
         data = json.loads(Path(path).read_text())
-        return tuple(
+        pools = tuple(
             PoolConfig(name=p["name"], version=p.get("version", "v1"), weight=float(p.get("weight", 1.0)),
-                       worker_addresses=tuple(p["workers"]))
+                       worker_addresses=tuple(p.get("workers", ())), dns=str(p.get("dns", "")))
             for p in data["pools"]
         )
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"pools file {path}: {e!r} (expected {{'pools': [{{'name', 'workers', ...}}]}})") from e
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"pools file {path}: {e!r} (expected {{'pools': [{{'name', 'workers' or 'dns', "
+                          f"...}}]}})") from e
+    for pool in pools:
+        if not pool.worker_addresses and not pool.dns:
+            raise ConfigError(f"pools file {path}: pools[{pool.name}]: give 'workers' (host:port list) or 'dns' "
+                              "(host:port)")
+    return pools
 
 
 def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
@@ -73,8 +83,41 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
                    default=env_float("SWITCHYARD_LIVENESS_TIMEOUT_S", 60.0, min_value=0),
                    help="health turns NOT_SERVING while requests run and no token came for this long; 0 "
                         "disables [SWITCHYARD_LIVENESS_TIMEOUT_S]")
+    p.add_argument("--discovery-interval-s", type=float,
+                   default=env_float("SWITCHYARD_DISCOVERY_INTERVAL_S", 5.0, min_value=0.1),
+                   help="how often pools with a 'dns' name are resolved again [SWITCHYARD_DISCOVERY_INTERVAL_S]")
+    r = p.add_argument_group("automatic canary rollback", "a pool doing worse than the baseline pool over the "
+                             "window gets weight 0")
+    r.add_argument("--rollback", action=argparse.BooleanOptionalAction,
+                   default=env_str("SWITCHYARD_ROLLBACK", "on") not in ("off", "0", "false", "no"),
+                   help="judge canary pools against the baseline [SWITCHYARD_ROLLBACK=on|off]")
+    r.add_argument("--rollback-baseline-pool", default=env_str("SWITCHYARD_ROLLBACK_BASELINE_POOL", ""),
+                   help="the pool others are compared with; default the highest weight "
+                        "[SWITCHYARD_ROLLBACK_BASELINE_POOL]")
+    r.add_argument("--rollback-window-s", type=float, default=env_float("SWITCHYARD_ROLLBACK_WINDOW_S", 60.0),
+                   help="sliding window of finished requests [SWITCHYARD_ROLLBACK_WINDOW_S]")
+    r.add_argument("--rollback-min-requests", type=int,
+                   default=env_int("SWITCHYARD_ROLLBACK_MIN_REQUESTS", 20, min_value=1),
+                   help="requests each pool needs in the window before it is judged "
+                        "[SWITCHYARD_ROLLBACK_MIN_REQUESTS]")
+    r.add_argument("--rollback-max-error-rate-increase", type=float,
+                   default=env_float("SWITCHYARD_ROLLBACK_MAX_ERROR_RATE_INCREASE", 0.05),
+                   help="error rate above the baseline's that rolls back (absolute, 0.05 = 5 points) "
+                        "[SWITCHYARD_ROLLBACK_MAX_ERROR_RATE_INCREASE]")
+    r.add_argument("--rollback-max-ttft-p99-ratio", type=float,
+                   default=env_float("SWITCHYARD_ROLLBACK_MAX_TTFT_P99_RATIO", 2.0),
+                   help="p99 TTFT over the baseline's that rolls back [SWITCHYARD_ROLLBACK_MAX_TTFT_P99_RATIO]")
     add_tls_arguments(p)
     a = p.parse_args(argv)
+    try:
+        rollback = RollbackPolicy(
+            enabled=a.rollback, window_s=a.rollback_window_s, min_requests=a.rollback_min_requests,
+            max_error_rate_increase=a.rollback_max_error_rate_increase,
+            max_ttft_p99_ratio=a.rollback_max_ttft_p99_ratio, baseline_pool=a.rollback_baseline_pool,
+        )
+    except InvalidArgument as e:
+        flag = "--" + (e.field or "rollback").replace(".", "-").replace("_", "-")
+        raise ConfigError(f"{flag}: {str(e).removeprefix(f'{e.field}: ')}") from e
     if a.pools_file:
         pools = load_pools(a.pools_file)
     else:
@@ -82,11 +125,14 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
         if not addresses:
             raise ConfigError("--workers / SWITCHYARD_WORKER_ADDRESSES: no worker address given")
         pools = (PoolConfig(name="default", version="v1", weight=1.0, worker_addresses=addresses),)
+    if rollback.baseline_pool and rollback.baseline_pool not in {pool.name for pool in pools}:
+        raise ConfigError(f"--rollback-baseline-pool: unknown pool {rollback.baseline_pool!r}; known: "
+                          f"{sorted(pool.name for pool in pools)}")
     fleet = FleetConfig(
         pools=pools, max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
         max_waiting_requests=a.max_waiting_requests, step_timeout_s=a.step_timeout_s,
         load_weight=a.load_weight, decode_cost_tokens=a.decode_cost_tokens, routing=a.routing,
-        tls=tls_from_args(a),
+        tls=tls_from_args(a), rollback=rollback, discovery_interval_s=a.discovery_interval_s,
     )
     return SchedulerConfig(host=a.host, port=a.port, metrics_port=a.metrics_port, fleet=fleet,
                            startup_wait_s=a.startup_wait_s, grace_s=a.grace_s,

@@ -13,11 +13,13 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Awaitable, Callable, Sequence
 
 from services.scheduler import metrics
 from services.scheduler.admission import ModelLimits, Submission, build_request
 from services.scheduler.batcher import RequestEvent
+from services.scheduler.canary import RollbackGuard, RollbackPolicy, WindowStats, is_client_abort
+from services.scheduler.discovery import DnsTarget, diff, resolve
 from services.scheduler.pending_prefixes import PendingPrefixes
 from services.scheduler.request import FinishReason, Request
 from services.scheduler.router import PoolConfig, Router, RoutingDecision, WorkerLoad
@@ -41,6 +43,24 @@ class FleetConfig:
     router_seed: int | None = None
     routing: str = "cache_aware"
     tls: TlsConfig = TlsConfig()  # how to reach the workers
+    rollback: RollbackPolicy = RollbackPolicy()
+    discovery_interval_s: float = 5.0  # how often pools with `dns` are resolved again
+    rollback_check_interval_s: float = 1.0  # at most this long between rollback judgements
+
+
+@dataclass(frozen=True)
+class PoolView:
+    """One pool for operators (the admin RPC): configuration, members and rollback state."""
+
+    name: str
+    version: str
+    weight: float
+    dns: str
+    worker_addresses: tuple[str, ...]
+    num_workers_up: int
+    rolled_back: bool
+    rollback_reason: str
+    window: WindowStats
 
 
 @dataclass
@@ -55,8 +75,10 @@ class LiveRequest:
 
 
 class Fleet:
-    def __init__(self, config: FleetConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: FleetConfig, clock: Callable[[], float] = time.monotonic,
+                 resolver: Callable[[DnsTarget], Awaitable[set[str] | None]] = resolve) -> None:
         self.config = config
+        self._resolve = resolver  # tests stand in for DNS here
         self.router = Router(config.pools, load_weight=config.load_weight,
                              decode_cost_tokens=config.decode_cost_tokens, seed=config.router_seed,
                              policy=config.routing)
@@ -66,28 +88,128 @@ class Fleet:
         self._idle = asyncio.Event()  # set while no request is live; drain waits on it
         self._idle.set()
         self._last_progress_s = clock()  # last token delivered, or when the fleet stopped being idle
+        self.guard = RollbackGuard(config.rollback, {p.name: p.weight for p in config.pools})
+        self._last_rollback_check_s = clock()
         self.loops: dict[str, WorkerLoop] = {}
+        self._dns = {p.name: DnsTarget.parse(p.dns, f"pools[{p.name}].dns") for p in config.pools if p.dns}
+        self._tasks: list[asyncio.Task[None]] = []
         for pool in config.pools:
             for address in pool.worker_addresses:
                 if address in self.loops:
                     raise InvalidArgument(f"worker {address} is listed in two pools", field="pools")
-                self.loops[address] = WorkerLoop(
-                    address, pool.name, on_events=self._deliver, on_down=self._on_worker_down,
-                    max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
-                    step_timeout_s=config.step_timeout_s, probe_interval_s=config.probe_interval_s, clock=clock,
-                    tls=config.tls,
-                )
+                self.loops[address] = self._new_loop(address, pool.name)
         metrics.observe_fleet(self)
+
+    def _new_loop(self, address: str, pool: str) -> WorkerLoop:
+        config = self.config
+        return WorkerLoop(
+            address, pool, on_events=self._deliver, on_down=self._on_worker_down,
+            max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+            step_timeout_s=config.step_timeout_s, probe_interval_s=config.probe_interval_s, clock=self._clock,
+            tls=config.tls,
+        )
 
     async def start(self, wait_s: float = 0.0) -> None:
         """Starts every loop; waits up to `wait_s` for all workers to answer (missing ones join later)."""
+        if self._dns:
+            await self.discover()  # the first members, before serving
+            self._tasks.append(asyncio.create_task(self._discovery_loop(), name="worker discovery"))
+        if self.config.rollback.enabled and len(self.config.pools) > 1:
+            self._tasks.append(asyncio.create_task(self._rollback_loop(), name="canary rollback"))
         for loop in self.loops.values():
-            loop.start()
+            if not loop.started:
+                loop.start()
         if wait_s > 0:
             await asyncio.gather(*(loop.wait_until_up(wait_s) for loop in self.loops.values()))
 
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(loop.stop() for loop in self.loops.values()))
+
+    # --- pools: discovery, weights, rollback ----------------------------------------------------
+    async def discover(self) -> None:
+        """Resolves every DNS pool once: new addresses become workers, vanished ones retire, and
+        retired workers with nothing left to finish are dropped."""
+        for pool, target in self._dns.items():
+            resolved = await self._resolve(target)
+            if resolved is None:
+                logger.warning("pool %s: DNS lookup of %s:%d failed; keeping its workers", pool, target.host,
+                               target.port)
+                continue
+            current = {a for a, l in self.loops.items() if l.pool == pool and not l.retiring}
+            change = diff(current, resolved)
+            for address in change.added:
+                if address in self.loops:
+                    continue  # still finishing after an earlier retirement; joins once it is gone
+                loop = self.loops[address] = self._new_loop(address, pool)
+                metrics.observe_worker_loop(loop)
+                loop.start()
+                logger.info("pool %s: discovered worker %s", pool, address)
+            for address in change.removed:
+                logger.info("pool %s: worker %s left DNS; finishing its running requests", pool, address)
+                self.loops[address].retire()
+        for address, loop in list(self.loops.items()):
+            if loop.retiring and loop.done:
+                await loop.stop()
+                metrics.forget_worker_loop(loop)
+                del self.loops[address]
+
+    async def _discovery_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.discovery_interval_s)
+            try:
+                await self.discover()
+            except Exception:  # a bug here must not end discovery for good
+                logger.exception("worker discovery failed")
+
+    async def _rollback_loop(self) -> None:
+        # Judges quiet pools too: record() only judges when requests finish.
+        while True:
+            await asyncio.sleep(self.config.rollback_check_interval_s)
+            self.check_rollback(force=True)
+
+    def set_pool_weight(self, pool: str, weight: float) -> PoolView:
+        """An operator's change (admin RPC); a weight > 0 re-arms automatic rollback for the pool."""
+        before = next((p.weight for p in self.router.pools() if p.name == pool), None)
+        self.router.set_weight(pool, weight)  # validates name and weight
+        if weight > 0:
+            self.guard.rearm(pool)
+        logger.info("pool %s weight %s -> %s (operator)", pool, before, weight)
+        return next(v for v in self.pool_views() if v.name == pool)
+
+    def observe_finished(self, live: LiveRequest | None, error: str) -> None:
+        """Feeds the rollback guard with a finished request; the client's own aborts do not count."""
+        if live is None or (error and is_client_abort(error)):
+            return
+        ttft_s = live.first_token_at_s - live.queued_at_s if live.first_token_at_s is not None else None
+        self.guard.record(live.decision.pool, self._clock(), failed=bool(error), ttft_s=ttft_s)
+        self.check_rollback()
+
+    def check_rollback(self, force: bool = False) -> None:
+        now = self._clock()
+        if not force and now - self._last_rollback_check_s < self.config.rollback_check_interval_s:
+            return
+        self._last_rollback_check_s = now
+        for rollback in self.guard.evaluate(now, {p.name: p.weight for p in self.router.pools()}):
+            self.router.set_weight(rollback.pool, 0.0)
+            metrics.observe_rollback(rollback)
+            logger.warning("canary rollback: %s; weight set to 0", rollback.describe())
+
+    def pool_views(self) -> list[PoolView]:
+        now = self._clock()
+        views = []
+        for pool in self.router.pools():
+            loops = self._pool_loops(pool.name)
+            rollback = self.guard.rolled_back.get(pool.name)
+            views.append(PoolView(
+                name=pool.name, version=pool.version, weight=pool.weight, dns=pool.dns,
+                worker_addresses=tuple(l.address for l in loops), num_workers_up=sum(l.up for l in loops),
+                rolled_back=rollback is not None, rollback_reason=rollback.describe() if rollback else "",
+                window=self.guard.stats(pool.name, now),
+            ))
+        return views
 
     # --- admission ------------------------------------------------------------------------------
     def _pool_loops(self, pool: str) -> list[WorkerLoop]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.scheduler.canary import Rollback, is_client_abort
 from services.scheduler.plan import RequestEvent, StepPlan
 from services.scheduler.router import RoutingDecision
 from shared.telemetry import LATENCY_BUCKETS_S
@@ -66,29 +67,52 @@ ROUTING_DECISIONS = Counter(
     (*_LABELS, "sticky"))
 WORKER_FAILURES = Counter(
     "switchyard_worker_failures_total", "Step failures that marked the worker down.", _LABELS)
+POOL_ROLLED_BACK = Gauge(
+    "switchyard_pool_rolled_back", "1 while automatic rollback holds the pool at weight 0, else 0.", ("pool",))
+POOL_ROLLBACKS = Counter(
+    "switchyard_pool_rollbacks_total", "Automatic rollbacks of the pool (reason: error_rate or ttft_p99).",
+    ("pool", "reason"))
 REQUESTS_MIGRATED = Counter(
     "switchyard_requests_migrated_total", "Requests moved off a dead worker to another of its pool.", ("pool",))
 
-# A deadline is the client's choice and a cancel the client's act: both are aborts, not failures.
-_ABORT_ERRORS = ("cancelled", "deadline")
 
 
 def observe_fleet(fleet: Fleet) -> None:
     """Binds the state gauges of every worker loop and pool; called once when a fleet is built."""
     for loop in fleet.loops.values():
-        labels = (loop.pool, loop.address)
-        # Default arguments pin this loop: a closure over the loop variable would read the last one.
-        WORKER_UP.labels(*labels).set_function(lambda loop=loop: 1.0 if loop.up else 0.0)
-        REQUESTS_RUNNING.labels(*labels).set_function(
-            lambda loop=loop: loop.batcher.num_running if loop.batcher is not None else 0)
-        REQUESTS_WAITING.labels(*labels).set_function(
-            lambda loop=loop: loop.batcher.num_waiting if loop.batcher is not None else 0)
-        KV_BLOCKS_USED_RATIO.labels(*labels).set_function(lambda loop=loop: _kv_used_ratio(loop))
-    router = fleet.router
+        observe_worker_loop(loop)
+    router, guard = fleet.router, fleet.guard
     for pool in router.pools():
         # Read at scrape time: weights change at runtime (Router.set_weight) during a rollout.
         POOL_WEIGHT.labels(pool.name).set_function(
             lambda name=pool.name: next((p.weight for p in router.pools() if p.name == name), 0.0))
+        POOL_ROLLED_BACK.labels(pool.name).set_function(
+            lambda name=pool.name: 1.0 if name in guard.rolled_back else 0.0)
+
+
+def observe_worker_loop(loop: WorkerLoop) -> None:
+    """Binds one worker's state gauges (at start, and when discovery adds a worker)."""
+    labels = (loop.pool, loop.address)
+    # Default arguments pin this loop: a closure over the loop variable would read the last one.
+    WORKER_UP.labels(*labels).set_function(lambda loop=loop: 1.0 if loop.up else 0.0)
+    REQUESTS_RUNNING.labels(*labels).set_function(
+        lambda loop=loop: loop.batcher.num_running if loop.batcher is not None else 0)
+    REQUESTS_WAITING.labels(*labels).set_function(
+        lambda loop=loop: loop.batcher.num_waiting if loop.batcher is not None else 0)
+    KV_BLOCKS_USED_RATIO.labels(*labels).set_function(lambda loop=loop: _kv_used_ratio(loop))
+
+
+def forget_worker_loop(loop: WorkerLoop) -> None:
+    """A discovered worker left for good: its state gauges go (counters stay, as Prometheus expects)."""
+    for gauge in (WORKER_UP, REQUESTS_RUNNING, REQUESTS_WAITING, KV_BLOCKS_USED_RATIO):
+        try:
+            gauge.remove(loop.pool, loop.address)
+        except KeyError:
+            pass
+
+
+def observe_rollback(rollback: Rollback) -> None:
+    POOL_ROLLBACKS.labels(rollback.pool, rollback.reason).inc()
 
 
 def _kv_used_ratio(loop: WorkerLoop) -> float:
@@ -161,7 +185,7 @@ def observe_request_finished(live: LiveRequest | None, finish_reason: str, error
     if live is None:
         return  # refused at admission: never ran on a worker
     if error:
-        finish_reason = "abort" if error.startswith(_ABORT_ERRORS) else "error"
+        finish_reason = "abort" if is_client_abort(error) else "error"
     labels = (live.decision.pool, live.worker.address)
     # The fleet's clock is time.monotonic in every service; arrival was stamped with it.
     E2E_REQUEST_LATENCY.labels(*labels).observe(time.monotonic() - live.queued_at_s)

@@ -63,6 +63,7 @@ class PoolConfig:
     version: str
     weight: float
     worker_addresses: tuple[str, ...]
+    dns: str = ""  # "host:port" whose address records are the pool's workers (discovery.py)
 
 
 @dataclass(frozen=True)

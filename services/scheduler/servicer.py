@@ -56,6 +56,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     self._fleet.finish(live.request.request_id)
             end_request_span(span, live, finish_reason, error)
             metrics.observe_request_finished(live, finish_reason, error)
+            self._fleet.observe_finished(live, error)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         return pb.AbortResponse(found=self._fleet.abort(request.request_id))
@@ -79,6 +80,25 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         """Refuses new requests and lets the running ones finish (bounded by the server's grace)."""
         self._draining = True
         await self._fleet.wait_idle()
+
+
+class AdminServicer(scheduler_pb2_grpc.SchedulerAdminServicer):
+    """Operator controls on the scheduler's port: read the pools, set a pool's weight."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        scheduler_pb2_grpc.add_SchedulerAdminServicer_to_server(self, server)
+        return [pb.DESCRIPTOR.services_by_name["SchedulerAdmin"].full_name]
+
+    async def ListPools(self, request: pb.ListPoolsRequest, context: grpc.aio.ServicerContext) -> pb.ListPoolsResponse:
+        policy = self._fleet.config.rollback
+        return wire.pools_to_pb(self._fleet.pool_views(), self._fleet.guard.baseline_pool, policy.enabled,
+                                policy.window_s)
+
+    async def SetPoolWeight(self, request: pb.SetPoolWeightRequest, context: grpc.aio.ServicerContext) -> pb.PoolStatus:
+        return wire.pool_view_to_pb(self._fleet.set_pool_weight(request.pool, request.weight))
 
 
 def _error_for(message: str) -> SwitchyardError:

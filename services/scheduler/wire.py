@@ -3,6 +3,8 @@ side, the worker's Step contract on the other."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from switchyard.api.v1 import generation_pb2 as api_pb
 from switchyard.scheduler.v1 import scheduler_pb2 as pb
 from switchyard.worker.v1 import worker_pb2 as worker_pb
@@ -12,6 +14,9 @@ from services.scheduler.batcher import RequestEvent, RequestOutput, StepPlan
 from services.scheduler.request import FinishReason, Request, TokenLogprob, WorkerSampling
 from services.scheduler.worker_spec import WorkerSpec
 from shared.sampling_rules import SCALAR_FIELDS
+
+if TYPE_CHECKING:  # fleet.py imports worker_loop.py, which imports this module
+    from services.scheduler.fleet import PoolView
 
 _FINISH_TO_PB = {
     None: api_pb.FINISH_REASON_UNSPECIFIED,
@@ -119,3 +124,18 @@ def stats_to_pb(workers: list[dict], pools: list[dict], num_live_requests: int) 
         pools=[pb.PoolStats(**p) for p in pools],
         num_live_requests=num_live_requests,
     )
+
+
+def pool_view_to_pb(view: PoolView) -> pb.PoolStatus:
+    return pb.PoolStatus(
+        name=view.name, version=view.version, weight=view.weight, worker_addresses=view.worker_addresses,
+        num_workers_up=view.num_workers_up, dns=view.dns, rolled_back=view.rolled_back,
+        rollback_reason=view.rollback_reason, num_window_requests=view.window.num_requests,
+        num_window_errors=view.window.num_errors, window_ttft_p99_s=view.window.ttft_p99_s or 0.0,
+    )
+
+
+def pools_to_pb(views: list[PoolView], baseline_pool: str, rollback_enabled: bool,
+                rollback_window_s: float) -> pb.ListPoolsResponse:
+    return pb.ListPoolsResponse(pools=[pool_view_to_pb(v) for v in views], baseline_pool=baseline_pool,
+                                rollback_enabled=rollback_enabled, rollback_window_s=rollback_window_s)

@@ -68,6 +68,7 @@ class WorkerLoop:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self.retiring = False  # discovery no longer lists it: finish what runs here, then end
 
     # --- called by the fleet / handlers (synchronous, never block) ---------------------------
     def submit(self, request: Request) -> None:
@@ -94,6 +95,22 @@ class WorkerLoop:
             await asyncio.gather(self._task, return_exceptions=True)
         await self._channel.close()
 
+    def retire(self) -> None:
+        """Takes the worker out of its pool for good: queued requests move elsewhere at once, running
+        ones finish here, then the loop ends (`done`) instead of probing for the worker again."""
+        self.retiring = True
+        if self.up and self.batcher is not None:
+            self._leave_pool(self.batcher)
+        self._wake.set()
+
+    @property
+    def started(self) -> bool:
+        return self._task is not None
+
+    @property
+    def done(self) -> bool:
+        return self._task is not None and self._task.done()
+
     async def wait_until_up(self, timeout_s: float) -> bool:
         deadline = self._clock() + timeout_s
         while not self.up and self._clock() < deadline:
@@ -102,8 +119,10 @@ class WorkerLoop:
 
     # --- the loop ------------------------------------------------------------------------------
     async def _lifecycle(self) -> None:
-        while not self._stopping:
+        while not self._stopping and not self.retiring:
             await self._connect()
+            if self.retiring or self._stopping:
+                return
             try:
                 await self._run()
             except grpc.aio.AioRpcError as e:
@@ -111,13 +130,15 @@ class WorkerLoop:
 
     async def _connect(self) -> None:
         """Waits until the worker answers Info, then resets its state and joins the pool."""
-        while not self._stopping:
+        while not self._stopping and not self.retiring:
             try:
                 info = await self._stub.Info(worker_pb.InfoRequest(), timeout=2.0)
                 await self._stub.Reset(worker_pb.ResetRequest(), timeout=5.0)
             except grpc.aio.AioRpcError:
                 await asyncio.sleep(self._probe_interval_s)
                 continue
+            if self.retiring:  # retired while we were asking
+                return
             self.spec = wire.worker_spec_from_pb(info)
             manager = BlockManager(self.spec.num_blocks, self.spec.block_size, self.spec.version)
             self.batcher = Batcher(
@@ -134,6 +155,8 @@ class WorkerLoop:
         batcher = self.batcher
         assert batcher is not None
         while not self._stopping:
+            if not self.up and not batcher.has_work():
+                return  # drained or retired: probe for whatever process comes back on this address
             self._wake.clear()
             expired = batcher.expire(self._clock())
             if expired:
@@ -162,8 +185,6 @@ class WorkerLoop:
                 self._on_events(events)
             if reply.draining and self.up:
                 self._leave_pool(batcher)
-            if not self.up and not batcher.has_work():
-                return  # drained: probe for whatever process comes back on this address
             await asyncio.sleep(0)  # let handlers enqueue between steps
 
     def _leave_pool(self, batcher: Batcher) -> None:

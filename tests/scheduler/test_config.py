@@ -31,3 +31,24 @@ def test_bad_pools_file_is_named(tmp_path) -> None:
     path.write_text('{"pools": [{"weight": 1}]}')
     with pytest.raises(ConfigError, match="pools file"):
         parse_config(["--pools-file", str(path)])
+
+
+def test_dns_pools_and_rollback_flags(tmp_path) -> None:
+    path = tmp_path / "pools.json"
+    path.write_text(json.dumps({"pools": [
+        {"name": "stable", "version": "v1", "weight": 90, "dns": "workers-stable.ns.svc:50061"},
+        {"name": "canary", "version": "v2", "weight": 10, "workers": ["127.0.0.1:2"]}]}))
+    config = parse_config(["--pools-file", str(path), "--rollback-min-requests", "7", "--discovery-interval-s", "2",
+                           "--rollback-baseline-pool", "stable"])
+    stable, canary = config.fleet.pools
+    assert stable.dns == "workers-stable.ns.svc:50061" and stable.worker_addresses == () and canary.dns == ""
+    assert config.fleet.rollback.min_requests == 7 and config.fleet.rollback.baseline_pool == "stable"
+    assert config.fleet.discovery_interval_s == 2.0 and config.fleet.rollback.enabled
+    assert not parse_config(["--pools-file", str(path), "--no-rollback"]).fleet.rollback.enabled
+    with pytest.raises(ConfigError, match="--rollback-baseline-pool: unknown pool 'x'"):
+        parse_config(["--pools-file", str(path), "--rollback-baseline-pool", "x"])
+    with pytest.raises(ConfigError, match="--rollback-max-ttft-p99-ratio"):
+        parse_config(["--pools-file", str(path), "--rollback-max-ttft-p99-ratio", "0"])
+    path.write_text(json.dumps({"pools": [{"name": "empty", "version": "v1"}]}))
+    with pytest.raises(ConfigError, match="pools\\[empty\\]: give 'workers'"):
+        parse_config(["--pools-file", str(path)])

@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY
 from services.scheduler import metrics
 from services.scheduler.batcher import Batcher
 from services.scheduler.block_manager import BlockManager
+from services.scheduler.canary import RollbackGuard, RollbackPolicy
 from services.scheduler.plan import RequestEvent, RequestOutput, ScheduledNew, StepPlan
 from services.scheduler.request import Request, WorkerSampling
 from services.scheduler.router import PoolConfig, Router
@@ -93,7 +94,8 @@ def test_batcher_reports_its_preemptions_in_the_plan() -> None:
 def test_state_gauges_are_read_when_scraped() -> None:
     loop = SimpleNamespace(pool="p", address="w-gauge", up=False, batcher=None)
     router = Router((PoolConfig("p-gauge", "v1", 3.0, ("w-gauge",)),))
-    metrics.observe_fleet(SimpleNamespace(loops={"w-gauge": loop}, router=router))
+    guard = RollbackGuard(RollbackPolicy(), {"p-gauge": 3.0})
+    metrics.observe_fleet(SimpleNamespace(loops={"w-gauge": loop}, router=router, guard=guard))
     labels = {"pool": "p", "worker": "w-gauge"}
     assert value("switchyard_worker_up", **labels) == 0
     assert value("switchyard_kv_blocks_used_ratio", **labels) == 0
@@ -108,3 +110,8 @@ def test_state_gauges_are_read_when_scraped() -> None:
     assert value("switchyard_pool_weight", pool="p-gauge") == 3.0
     router.set_weight("p-gauge", 0.5)
     assert value("switchyard_pool_weight", pool="p-gauge") == 0.5
+    assert value("switchyard_pool_rolled_back", pool="p-gauge") == 0
+    guard.rolled_back["p-gauge"] = object()  # what RollbackGuard.evaluate records
+    assert value("switchyard_pool_rolled_back", pool="p-gauge") == 1
+    metrics.forget_worker_loop(loop)  # a discovered worker left: its gauges go
+    assert REGISTRY.get_sample_value("switchyard_worker_up", labels) is None
