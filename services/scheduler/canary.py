@@ -10,10 +10,10 @@ baseline is rolled back (its weight goes to 0) when it has enough requests to ju
 (the TTFT test needs `min_requests` requests with a first token in both pools). The baseline is
 the yardstick, not an oracle: if it is failing too, a canary that fails the same way is not worse
 and stays. A failure here means what it means to the client and the operator: the request ended
-with an error the client did not cause. Cancels and deadlines are the client's choice and do not
-count (`is_client_abort`).
+with an error the client did not cause. Cancels and deadlines are the client's choice: such a
+request counts as served, not failed (`is_client_abort`).
 
-Only a change of weight can be undone: the guard never raises a weight, it reports one
+The guard only ever takes a weight down, never up: it reports one
 `Rollback` per pool, once, and forgets the pool's window so that an operator who restores the
 weight (`rearm`) starts from a clean slate. The guard is synchronous and does no I/O; the fleet
 feeds it and applies its decisions to the router.

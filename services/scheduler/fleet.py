@@ -180,11 +180,14 @@ class Fleet:
         return next(v for v in self.pool_views() if v.name == pool)
 
     def observe_finished(self, live: LiveRequest | None, error: str) -> None:
-        """Feeds the rollback guard with a finished request; the client's own aborts do not count."""
-        if live is None or (error and is_client_abort(error)):
+        """Feeds the rollback guard with a finished request. The client's own ends (a cancel, a stop
+        string found by the front door, a deadline) are not failures, but they are requests served,
+        and their first token, if any, is a TTFT sample like any other."""
+        if live is None:
             return
         ttft_s = live.first_token_at_s - live.queued_at_s if live.first_token_at_s is not None else None
-        self.guard.record(live.decision.pool, self._clock(), failed=bool(error), ttft_s=ttft_s)
+        failed = bool(error) and not is_client_abort(error)
+        self.guard.record(live.decision.pool, self._clock(), failed=failed, ttft_s=ttft_s)
         self.check_rollback()
 
     def check_rollback(self, force: bool = False) -> None:
