@@ -9,15 +9,16 @@ PROTOS := $(shell find protos -name '*.proto')
 
 .PHONY: setup protos model test test-chaos test-all bench bench-smoke up down run status clean
 
-# Creates .venv with every dependency pinned in requirements.txt, then generates the stubs.
+# Creates .venv with every dependency pinned: requirements.txt (what the services run on, and all the
+# Docker image gets) plus requirements-dev.txt (tests, benchmarks, Triton, manifest validation).
 setup: $(VENV)/.installed protos
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and alone: its pin selects the CPU build and keeps CUDA wheels out.
 	$(PY) -m pip install --quiet "torch==$$(grep -E '^torch==' requirements.txt | cut -d= -f3)"
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
 	# Puts the repo root and the generated stubs on the venv's import path.
 	printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/$(PROTO_OUT)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/switchyard.pth"
 	touch $@

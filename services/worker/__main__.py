@@ -26,12 +26,14 @@ async def run(config: WorkerConfig) -> None:
         torch.set_num_threads(config.num_threads)
     logger.info("loading %s (%s on %s)%s", config.model_dir, config.dtype, config.device,
                 " as a null model (no weights)" if config.null_model else "")
-    runner_cls = NullModelRunner if config.null_model else ModelRunner
-    runner = runner_cls(
-        config.model_dir, dtype=config.dtype, device=config.device, block_size=config.block_size,
-        num_blocks=config.num_blocks, kv_cache_bytes=config.kv_cache_bytes,
-        attention_backend=config.attention_backend, max_model_len=config.max_model_len, name=config.model_name,
-    )
+    common = dict(dtype=config.dtype, device=config.device, block_size=config.block_size,
+                  num_blocks=config.num_blocks, kv_cache_bytes=config.kv_cache_bytes,
+                  attention_backend=config.attention_backend, max_model_len=config.max_model_len,
+                  name=config.model_name)
+    if config.null_model:  # computes nothing, so there is no decode graph to capture
+        runner = NullModelRunner(config.model_dir, **common)
+    else:
+        runner = ModelRunner(config.model_dir, cuda_graphs=config.cuda_graphs, **common)
     logger.info(
         "model %s: %d KV blocks of %d tokens (%.1f MiB), attention %s, max_model_len %d",
         runner.spec.name, runner.num_blocks, runner.block_size, runner.kv_pool.shape.num_bytes / 2**20,

@@ -30,6 +30,7 @@ class WorkerConfig:
     num_threads: int
     grace_s: float
     null_model: bool = False  # serve with NullModelRunner: no weights, deterministic tokens
+    cuda_graphs: bool = True  # capture decode steps in CUDA graphs (CUDA + triton backend only)
     tls: TlsConfig = TlsConfig()
 
     @property
@@ -72,6 +73,10 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
                    default=env_bool("SWITCHYARD_NULL_MODEL", False),
                    help="no weights, no compute: token t is followed by t+1; measures the pipeline alone "
                         "[SWITCHYARD_NULL_MODEL]")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
+                   default=env_bool("SWITCHYARD_CUDA_GRAPHS", True),
+                   help="replay decode steps from CUDA graphs captured per padded batch size; only on "
+                        "CUDA with the triton backend [SWITCHYARD_CUDA_GRAPHS]")
     add_tls_arguments(p)
     a = p.parse_args(argv)
     return WorkerConfig(
@@ -79,6 +84,6 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
         device=a.device, block_size=a.block_size, num_blocks=a.num_blocks or None,
         kv_cache_bytes=a.kv_cache_mib * 2**20, attention_backend=a.attention_backend,
         version=a.version_label, model_name=a.model_name, max_model_len=a.max_model_len or None,
-        num_threads=a.num_threads, grace_s=a.grace_s, null_model=a.null_model,
+        num_threads=a.num_threads, grace_s=a.grace_s, null_model=a.null_model, cuda_graphs=a.cuda_graphs,
         tls=tls_from_args(a),
     )

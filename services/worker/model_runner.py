@@ -82,6 +82,7 @@ class ModelRunner:
         attention_backend: str = "auto",
         max_model_len: int | None = None,
         name: str | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415 (slow import)
 
@@ -119,6 +120,16 @@ class ModelRunner:
         self.kv_pool = KVPool(kv_pool_shape(self.spec, block_size, num_blocks, kv_cache_bytes, torch_dtype),
                               self.device)
         self.backend = select_backend(str(self.device), attention_backend)
+        self._decode_graphs = None
+        # Graphs only pay off against GPU launch overhead, and only the Triton decode path is
+        # capturable (the torch one copies host lists to the device every call).
+        if cuda_graphs and self.device.type == "cuda" and self.backend.name == "triton":
+            from services.worker.kernels.triton.graphs import DecodeGraphs  # noqa: PLC0415 (CUDA only)
+
+            self._decode_graphs = DecodeGraphs(self._forward, device=self.device, max_model_len=self.spec.max_model_len,
+                                               block_size=block_size)
+            with torch.inference_mode():
+                self._decode_graphs.capture()
 
     @property
     def block_size(self) -> int:
@@ -137,6 +148,17 @@ class ModelRunner:
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
         """Computes the flat batch and returns float32 logits for the rows in `logits_indices`."""
+        if self._decode_graphs is not None and self._decode_graphs.can_run(input_ids, meta):
+            return self._decode_graphs.run(input_ids, positions, meta, logits_indices)
+        return self._forward(input_ids, positions, meta, logits_indices)
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        logits_indices: torch.Tensor,
+    ) -> torch.Tensor:
         inner = self.model.model
         hidden = inner.embed_tokens(input_ids)[None]  # HF modules expect a batch dim of 1
         cos, sin = inner.rotary_emb(hidden, positions[None])

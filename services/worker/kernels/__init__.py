@@ -20,7 +20,7 @@ def select_backend(device: str, name: str = "auto") -> AttentionBackend:
             from services.worker.kernels.triton import TritonAttentionBackend  # noqa: PLC0415
         except ImportError as e:  # keeps CPU installs free of a hard Triton dependency
             raise ValueError(f"attention_backend: triton is not available here ({e})") from e
-        return TritonAttentionBackend()
+        return TritonAttentionBackend(device)
     raise ValueError(f"attention_backend: expected auto, torch or triton, got {name!r}")
 
 
