@@ -7,7 +7,7 @@ PRESET ?= tiny
 PROTO_OUT := shared/proto
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: setup protos model test test-chaos test-all bench bench-smoke up down run status clean
+.PHONY: setup protos model test test-chaos test-compose test-all bench bench-smoke up down run status clean
 
 # Creates .venv with every dependency pinned: requirements.txt (what the services run on, and all the
 # Docker image gets) plus requirements-dev.txt (tests, benchmarks, Triton, manifest validation).
@@ -42,6 +42,12 @@ test: setup
 # The long fault-injection suite (abort storm, kill -9, overload, NaN, fuzzing); CI runs it after `test`.
 test-chaos: setup
 	$(PY) -m pytest -q -m chaos
+
+# docker-compose.yml end to end (tests/compose): builds the image, starts the stack, streams a completion
+# and checks traces and Prometheus; installs and starts Docker when the machine has none (needs root then).
+# CI runs it after test-chaos; deploy/compose/README.md says what it does offline.
+test-compose: setup
+	$(PY) -m pytest -q -m compose tests/compose
 
 # Starts workers, scheduler and tokenizer in the background (logs and pids in .run/) and returns once
 # every one reports SERVING. SWITCHYARD_MODEL, SWITCHYARD_WORKERS and SWITCHYARD_*_PORT override.
