@@ -114,6 +114,9 @@ async def test_faulty_canary_is_rolled_back_and_traffic_returns_to_stable(tiny_m
             assert len(outcomes) < 80, f"no rollback after {len(outcomes)} requests: {outcomes}"
             outcomes.append(await served_by(stack, greedy_request(f"r{len(outcomes)}", PROMPT, 4,
                                                                    session_id=f"s{len(outcomes)}")))
+        print(f"rolled back after {len(outcomes)} requests: "
+              f"{sum(p == 'stable' for p, _ in outcomes)} stable (ok), {sum(p == 'canary' for p, _ in outcomes)} canary "
+              f"(failed); reason: {canary.rollback_reason}")
         # Every canary request failed, every stable one worked; judged once both had 5 requests.
         assert all(ok == (pool == "stable") for pool, ok in outcomes), outcomes
         assert min(sum(p == name for p, _ in outcomes) for name in ("stable", "canary")) >= 5
