@@ -55,6 +55,9 @@ def check_sampling_scalars(s: Any) -> None:
     """Checks the public SamplingParams scalars of `s` (None means unset) and `stop_token_ids`
     against nothing but their own ranges; vocabulary and length checks stay with the caller."""
     require(s.max_tokens is None or s.max_tokens >= 1, "sampling.max_tokens", f"must be >= 1, got {s.max_tokens}")
+    # An int32 on the wire; bounding it here also keeps `prompt + max_tokens` (length checks) small.
+    require(s.max_tokens is None or s.max_tokens <= INT32_MAX, "sampling.max_tokens",
+            f"must be <= {INT32_MAX}, got {s.max_tokens}")
     require(_finite(s.temperature) and (s.temperature is None or s.temperature >= 0),
             "sampling.temperature", f"must be a finite number >= 0, got {s.temperature}")
     require(s.top_k is None or s.top_k >= 0, "sampling.top_k", f"must be >= 0 (0 disables), got {s.top_k}")

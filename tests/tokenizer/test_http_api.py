@@ -198,6 +198,9 @@ BAD_COMPLETIONS = [
     ("top_p", {"top_p": 1.5}),
     ("max_tokens", {"max_tokens": 0}),
     ("max_tokens", {"max_tokens": 4000}),  # prompt + max_tokens over the model length
+    # 4,300 nines parse, but prompt + max_tokens has 4,301 digits, which Python refuses to print
+    # (found by the fuzz suite: it was a 500); an int32 on the wire, so it is bounded first.
+    ("max_tokens", {"max_tokens": int("9" * 4300)}),
     ("prompt", {"prompt": ""}),
     ("prompt", {"prompt": []}),
     ("prompt", {"prompt": ["one", "two"]}),
