@@ -45,7 +45,7 @@ class FleetConfig:
     tls: TlsConfig = TlsConfig()  # how to reach the workers
     rollback: RollbackPolicy = RollbackPolicy()
     discovery_interval_s: float = 5.0  # how often pools with `dns` are resolved again
-    rollback_check_interval_s: float = 1.0  # at most this long between rollback judgements
+    rollback_check_interval_s: float = 1.0  # how often the pools' windows are judged
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,7 @@ class Fleet:
         self._idle = asyncio.Event()  # set while no request is live; drain waits on it
         self._idle.set()
         self._last_progress_s = clock()  # last token delivered, or when the fleet stopped being idle
-        self.guard = RollbackGuard(config.rollback, {p.name: p.weight for p in config.pools})
-        self._last_rollback_check_s = clock()
+        self.guard = RollbackGuard(config.rollback, self.router.weights())
         self.loops: dict[str, WorkerLoop] = {}
         self._dns = {p.name: DnsTarget.parse(p.dns, f"pools[{p.name}].dns") for p in config.pools if p.dns}
         self._tasks: list[asyncio.Task[None]] = []
@@ -165,14 +164,14 @@ class Fleet:
                 logger.exception("worker discovery failed")
 
     async def _rollback_loop(self) -> None:
-        # Judges quiet pools too: record() only judges when requests finish.
+        # Judged on a clock, not per finished request: off the request path, and quiet pools too.
         while True:
             await asyncio.sleep(self.config.rollback_check_interval_s)
-            self.check_rollback(force=True)
+            self.check_rollback()
 
     def set_pool_weight(self, pool: str, weight: float) -> PoolView:
         """An operator's change (admin RPC); a weight > 0 re-arms automatic rollback for the pool."""
-        before = next((p.weight for p in self.router.pools() if p.name == pool), None)
+        before = self.router.weights().get(pool)
         self.router.set_weight(pool, weight)  # validates name and weight
         if weight > 0:
             self.guard.rearm(pool)
@@ -188,14 +187,9 @@ class Fleet:
         ttft_s = live.first_token_at_s - live.queued_at_s if live.first_token_at_s is not None else None
         failed = bool(error) and not is_client_abort(error)
         self.guard.record(live.decision.pool, self._clock(), failed=failed, ttft_s=ttft_s)
-        self.check_rollback()
 
-    def check_rollback(self, force: bool = False) -> None:
-        now = self._clock()
-        if not force and now - self._last_rollback_check_s < self.config.rollback_check_interval_s:
-            return
-        self._last_rollback_check_s = now
-        for rollback in self.guard.evaluate(now, {p.name: p.weight for p in self.router.pools()}):
+    def check_rollback(self) -> None:
+        for rollback in self.guard.evaluate(self._clock(), self.router.weights()):
             self.router.set_weight(rollback.pool, 0.0)
             metrics.observe_rollback(rollback)
             logger.warning("canary rollback: %s; weight set to 0", rollback.describe())

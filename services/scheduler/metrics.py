@@ -85,7 +85,7 @@ def observe_fleet(fleet: Fleet) -> None:
     for pool in router.pools():
         # Read at scrape time: weights change at runtime (Router.set_weight) during a rollout.
         POOL_WEIGHT.labels(pool.name).set_function(
-            lambda name=pool.name: next((p.weight for p in router.pools() if p.name == name), 0.0))
+            lambda name=pool.name: router.weights().get(name, 0.0))
         POOL_ROLLED_BACK.labels(pool.name).set_function(
             lambda name=pool.name: 1.0 if name in guard.rolled_back else 0.0)
 

@@ -162,6 +162,9 @@ class Router:
     def pools(self) -> list[PoolConfig]:
         return list(self._pools.values())
 
+    def weights(self) -> dict[str, float]:
+        return {name: pool.weight for name, pool in self._pools.items()}
+
     def set_weight(self, pool: str, weight: float) -> None:
         current = self._pools.get(pool)
         if current is None:

@@ -103,7 +103,7 @@ async def test_sessions_stay_on_their_pool_until_its_weight_goes(tiny_model_dir)
 async def test_faulty_canary_is_rolled_back_and_traffic_returns_to_stable(tiny_model_dir, nan_model_dir, caplog) -> None:
     pools = (PoolSpec("stable", "v1", 50.0, tiny_model_dir), PoolSpec("canary", "v2", 50.0, nan_model_dir))
     caplog.set_level(logging.WARNING, logger="services.scheduler.fleet")
-    kw = dict(rollback=RollbackPolicy(min_requests=5, window_s=60.0), rollback_check_interval_s=0.0, router_seed=5)
+    kw = dict(rollback=RollbackPolicy(min_requests=5, window_s=60.0), rollback_check_interval_s=0.05, router_seed=5)
     async with Stack(tiny_model_dir, pools=pools, **kw) as stack:
         outcomes: list[tuple[str, bool]] = []
         while True:
