@@ -32,6 +32,12 @@ from bench.workload import Workload, max_prefix_hit_tokens, random_workload, sha
 from deploy.stack import REPO_ROOT, Stack, StackConfig, start_stack, stop_stack
 
 BLOCK_SIZE = 16
+# The tiny model's worker runs one torch thread when the whole stack shares the machine's two cores:
+# with two, each step's OpenMP threads spin at their barrier whenever the tokenizer, scheduler or
+# client takes a core, and steps slow down 1.1-2.4x (measured: 1,422 and 1,473 tok/s with one
+# thread, 625 and 1,275 with two, 1,124 and 1,081 with two and OMP_WAIT_POLICY=PASSIVE). The small
+# model's steps are long enough that two threads still win (87 and 71 vs 71 and 60 tok/s).
+TINY_STACK_WORKER_ARGS = ("--num-threads", "1")
 _HIT_COUNTERS = ("switchyard_prefix_cache_hits_total", "switchyard_prefix_cache_queries_total")
 
 
@@ -163,7 +169,7 @@ def _engine_workload(o: Options, model: Path, name: str, num_requests: int, seed
 def tiny_stack_vs_engine(o: Options, r: ScenarioResult) -> None:
     model = o.model("tiny")
     w = _engine_workload(o, model, "tiny_stack_vs_engine", o.pick(256, 16))
-    worker_args = ("--num-threads", "2")
+    worker_args = TINY_STACK_WORKER_ARGS
     r.config.update(model=model.name, workload=w.params, worker_args=worker_args, in_process_num_threads=2)
     with running_stack(model, worker_args=worker_args) as stack:
         r.add_run("stack", *_grpc(stack, w, "stack"))
@@ -231,7 +237,7 @@ def shared_prefix(o: Options, r: ScenarioResult) -> None:
 def concurrency_sweep(o: Options, r: ScenarioResult) -> None:
     model = o.model("tiny")
     levels = o.pick((1, 4, 16, 64), (1, 4))
-    worker_args = ("--num-threads", "2")
+    worker_args = TINY_STACK_WORKER_ARGS
     r.config.update(model=model.name, levels=levels, worker_args=worker_args)
     with running_stack(model, worker_args=worker_args) as stack:
         for i, c in enumerate(levels):
@@ -268,7 +274,7 @@ def http_api(o: Options, r: ScenarioResult) -> None:
     n = o.pick(64, 8)
     grpc_w = _engine_workload(o, model, "http_api-grpc", n, seed=1)
     http_w = _engine_workload(o, model, "http_api-http", n, seed=2)
-    worker_args = ("--num-threads", "2")
+    worker_args = TINY_STACK_WORKER_ARGS
     r.config.update(model=model.name, workload=grpc_w.params, worker_args=worker_args)
     with running_stack(model, worker_args=worker_args) as stack:
         r.add_run("grpc", *_grpc(stack, grpc_w, "grpc"))

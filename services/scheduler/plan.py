@@ -73,3 +73,8 @@ class RequestEvent:
     logprobs: tuple[TokenLogprob, ...]
     finish_reason: FinishReason | None  # None while the request goes on
     error: str = ""
+
+    def then(self, later: RequestEvent) -> RequestEvent:
+        """This event followed by `later` as one: a stream that fell behind sends one message, not two."""
+        return RequestEvent(self.request_id, self.token_ids + later.token_ids, self.logprobs + later.logprobs,
+                            later.finish_reason, later.error)

@@ -456,3 +456,18 @@ def test_take_waiting_hands_back_the_queue_and_keeps_the_running() -> None:
     run_until_idle(batcher, worker)
     assert running.output_token_ids == expected(running)
     assert batcher.block_manager.num_blocks_used == 0
+
+
+def test_events_that_queued_up_merge_into_one_in_order():
+    from services.scheduler.plan import RequestEvent
+
+    lp = [TokenLogprob(-0.1 * i, (i,), (-0.1 * i,)) for i in range(3)]
+    first = RequestEvent("r", (5,), (lp[0],), None)
+    second = RequestEvent("r", (6, 7), (lp[1], lp[2]), None)
+    last = RequestEvent("r", (), (), FinishReason.LENGTH)
+    merged = first.then(second).then(last)
+    assert merged.token_ids == (5, 6, 7)
+    assert merged.logprobs == tuple(lp)
+    assert merged.finish_reason is FinishReason.LENGTH  # the end of the stream is kept, not lost
+    failed = first.then(RequestEvent("r", (), (), FinishReason.ABORT, error="worker failed"))
+    assert failed.error == "worker failed" and failed.token_ids == (5,)
