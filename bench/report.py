@@ -155,7 +155,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         "## Targets", "", *_targets_table(results["scenarios"]), "",
     ]
     for sc in results["scenarios"]:
+        when = sc.get("measured")
         lines += [f"## {sc['name']}", "", sc["description"], "",
+                  *([f"Measured {when['date_utc']} at commit `{(when['git_commit'] or '')[:12]}`"
+                     f"{' (dirty)' if when['git_dirty'] else ''}.", ""] if when else []),
                   "Config: " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sc["config"].items()), ""]
         if sc["error"]:
             lines += [f"**Scenario failed:** `{sc['error']}`", ""]
@@ -171,10 +174,27 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out_dir: Path, scenarios: list[ScenarioResult], *, quick: bool) -> dict[str, Any]:
-    """Writes latest.json and latest.md into `out_dir`; returns what went into the JSON."""
+def write_results(out_dir: Path, scenarios: list[ScenarioResult], *, quick: bool, merge: bool = False) -> dict[str, Any]:
+    """Writes latest.json and latest.md into `out_dir`; returns what went into the JSON.
+
+    Every scenario carries `measured` (its date and commit). With `merge`, the scenarios of the
+    existing latest.json that were not run again are kept, in their order, with their own stamps,
+    so one scenario can be measured again without throwing away an hour of the others.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {"machine": machine_facts(), "quick": quick, "scenarios": [s.to_json() for s in scenarios]}
+    machine = machine_facts()
+    stamp = {"date_utc": machine["date_utc"], "git_commit": machine["git_commit"], "git_dirty": machine["git_dirty"]}
+    fresh = {s.name: {**s.to_json(), "measured": stamp} for s in scenarios}
+    merged: list[dict[str, Any]] = []
+    previous = out_dir / "latest.json"
+    if merge and previous.exists():
+        old = json.loads(previous.read_text())
+        if old.get("quick") != quick:
+            raise ValueError(f"--merge: {previous} was written {'with' if old.get('quick') else 'without'} --quick")
+        old_stamp = {k: old["machine"].get(k) for k in stamp}
+        merged = [fresh.pop(sc["name"], None) or {**sc, "measured": sc.get("measured", old_stamp)}
+                  for sc in old["scenarios"]]
+    results = {"machine": machine, "quick": quick, "scenarios": merged + list(fresh.values())}
     (out_dir / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
     (out_dir / "latest.md").write_text(render_markdown(results))
     return results

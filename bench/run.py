@@ -1,4 +1,4 @@
-"""`python -m bench.run [--scenarios a,b,...] [--quick] [--out DIR]`: what `make bench` runs.
+"""`python -m bench.run [--scenarios a,b,...] [--quick] [--merge] [--out DIR]`: what `make bench` runs.
 
 Runs the chosen scenarios one after another (they share two cores, so never side by side), then
 writes `latest.json`, `latest.md` and the plots into DIR (default bench/results). A scenario that
@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated names or letters (default: all)")
     p.add_argument("--quick", action="store_true",
                    help="few short requests, tiny model everywhere: checks the harness, measures nothing")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other scenarios already in DIR/latest.json (each keeps its own date and commit)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results", help="where results go")
     args = p.parse_args(argv)
     names = []
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(quick=args.quick)
     results = [run_scenario(name, options) for name in args.names]
     out = args.out.resolve()
-    data = write_results(out, results, quick=args.quick)
+    data = write_results(out, results, quick=args.quick, merge=args.merge)
     for path in write_plots(data, out):
         print(f"wrote {path}")
     print(f"wrote {out / 'latest.json'} and {out / 'latest.md'}")

@@ -18,6 +18,7 @@ import io
 import json
 import random
 import socket
+import statistics
 import tempfile
 import time
 import traceback
@@ -167,16 +168,26 @@ def _engine_workload(o: Options, model: Path, name: str, num_requests: int, seed
 
 
 def tiny_stack_vs_engine(o: Options, r: ScenarioResult) -> None:
+    """Alternates stack and engine runs and states the median of each round's ratio: this shared
+    machine's speed drifts by tens of percent within minutes (the same engine run measured 2,083 and
+    3,570 tok/s half an hour apart), and one pair of runs would mostly measure that drift."""
     model = o.model("tiny")
     w = _engine_workload(o, model, "tiny_stack_vs_engine", o.pick(256, 16))
     worker_args = TINY_STACK_WORKER_ARGS
-    r.config.update(model=model.name, workload=w.params, worker_args=worker_args, in_process_num_threads=2)
-    with running_stack(model, worker_args=worker_args) as stack:
-        r.add_run("stack", *_grpc(stack, w, "stack"))
+    num_rounds = o.pick(3, 1)
+    r.config.update(model=model.name, workload=w.params, worker_args=worker_args, in_process_num_threads=2,
+                    num_rounds=num_rounds)
     peers, why = _peers()
-    _peer(r, "in_process", peers, why, lambda p: p.run_in_process(model, w, num_threads=2))
-    r.target("stack / in-process engine output throughput", r.ratio("stack/in_process", "stack", "in_process"),
-             ">=", 0.85, "x")
+    ratios = []
+    for i in range(num_rounds):
+        suffix = "" if i == 0 else f"_{i + 1}"  # round 1 keeps the plain names the plots and table use
+        with running_stack(model, worker_args=worker_args) as stack:  # a fresh stack: same prompts, cold cache
+            r.add_run(f"stack{suffix}", *_grpc(stack, w, f"stack{suffix}"))
+        _peer(r, f"in_process{suffix}", peers, why, lambda p: p.run_in_process(model, w, num_threads=2))
+        ratios.append(r.ratio(f"stack/in_process{suffix}", f"stack{suffix}", f"in_process{suffix}"))
+    measured = [x for x in ratios if x is not None]
+    r.target(f"stack / in-process engine output throughput (median of {num_rounds} alternating rounds)",
+             statistics.median(measured) if measured else None, ">=", 0.85, "x")
 
 
 def null_ttft(o: Options, r: ScenarioResult) -> None:
