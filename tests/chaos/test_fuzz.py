@@ -834,6 +834,7 @@ def _h_unset_max_tokens(draw: st.DrawFn, body: dict[str, Any], case: Case, endpo
     if endpoint == "completions":  # OpenAI's default: 16
         body.pop("max_tokens", None)
         case.max_tokens = 16
+        case.bad.discard("max_tokens")  # a bad value drawn by an earlier mutation is gone with the field
     else:  # a chat reply without max_tokens runs to the full context: break it instead
         _h_bad_chat_max_tokens(draw, body, case, endpoint)
 
