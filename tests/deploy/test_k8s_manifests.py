@@ -18,20 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.deploy.k8s_manifests import (
-    K8S_DIR,
-    ROOT,
-    RenderError,
-    SchemaValidator,
-    find,
-    kubectl,
-    kubectl_version,
-    mutated,
-    pod_spec,
-    pools_file,
-    render,
-    semantic_problems,
-)
+from tests.deploy.k8s_checks import find, mutated, pod_spec, pools_file, semantic_problems
+from tests.deploy.k8s_manifests import K8S_DIR, ROOT, RenderError, SchemaValidator, kubectl, kubectl_version, render
 
 OVERLAYS = {"base": K8S_DIR / "base", "canary": K8S_DIR / "overlays" / "canary"}
 # The oldest Kubernetes these manifests claim (native gRPC probes are GA from 1.27; 1.30 is the

@@ -1,0 +1,452 @@
+"""Semantic checks of rendered Kubernetes objects: what schemas cannot see (see k8s_manifests.py).
+
+That the objects fit each other and the services: selectors, ports, probes, the scheduler's pools
+file, routes, GPUs, non-root, env names the services read. Every check returns a list of problems
+naming the object and the field; `mutated` copies the objects for a negative test to break one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from tests.deploy.k8s_manifests import (
+    COMPONENT, GPU, HEALTH_SERVICES, LISTEN_HOSTS, MODULES, NAMESPACE, POOL, ROOT, ref,
+)
+
+def of_kind(objects: Iterable[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o.get("kind") == kind]
+
+
+def find(objects: Iterable[dict[str, Any]], kind: str, name: str) -> dict[str, Any] | None:
+    for obj in objects:
+        if obj.get("kind") == kind and obj["metadata"].get("name") == name:
+            return obj
+    return None
+
+
+def pod_spec(deployment: dict[str, Any]) -> dict[str, Any]:
+    return deployment["spec"]["template"]["spec"]
+
+
+def pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    return deployment["spec"]["template"]["metadata"].get("labels") or {}
+
+
+def component(deployment: dict[str, Any]) -> str:
+    return pod_labels(deployment).get(COMPONENT, "")
+
+
+def main_containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:
+    return pod_spec(deployment).get("containers") or []
+
+
+def all_containers(deployment: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    spec = pod_spec(deployment)
+    for field in ("initContainers", "containers"):
+        for container in spec.get(field) or []:
+            yield f"{ref(deployment)}: {field}[{container.get('name')}]", container
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str | None]:
+    """Literal env values by name (None for valueFrom entries)."""
+    return {e["name"]: e.get("value") for e in container.get("env") or []}
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def port_matches(port: int | str, container: dict[str, Any]) -> bool:
+    """A probe's or Service targetPort's `port`, by number or name, is declared by the container."""
+    for declared in container.get("ports") or []:
+        if port == declared.get("containerPort") or port == declared.get("name"):
+            return True
+    return False
+
+
+def check_service_selectors(objects: list[dict[str, Any]]) -> list[str]:
+    """Every Service with a selector selects the pods of exactly one Deployment (so a stable
+    Service can never also pick canary pods), and every targetPort is a port of those pods."""
+    problems = []
+    deployments = of_kind(objects, "Deployment")
+    for service in of_kind(objects, "Service"):
+        selector = service["spec"].get("selector") or {}
+        if not selector:
+            problems.append(f"{ref(service)}: spec.selector: missing (endpoints would be managed by hand)")
+            continue
+        matched = [d for d in deployments if selects(selector, pod_labels(d))]
+        if len(matched) != 1:
+            problems.append(f"{ref(service)}: spec.selector {selector} matches {len(matched)} Deployments "
+                            f"({[ref(d) for d in matched]}); expected exactly 1")
+            continue
+        deployment = matched[0]
+        selector_of_deployment = deployment["spec"]["selector"].get("matchLabels") or {}
+        if not selects(selector_of_deployment, pod_labels(deployment)):
+            problems.append(f"{ref(deployment)}: spec.selector does not match its own pod template labels")
+        for port in service["spec"].get("ports") or []:
+            target = port.get("targetPort", port.get("port"))
+            if not any(port_matches(target, c) for c in main_containers(deployment)):
+                problems.append(f"{ref(service)}: ports[{port.get('name')}].targetPort {target!r} is no "
+                                f"container port of {ref(deployment)}")
+    return problems
+
+
+def check_probes(objects: list[dict[str, Any]]) -> list[str]:
+    """Readiness and liveness (and, for workers, startup) probes are native gRPC probes on a port
+    the container declares, asking for the component's health service name."""
+    problems = []
+    for deployment in of_kind(objects, "Deployment"):
+        kind = component(deployment)
+        wanted = ["readinessProbe", "livenessProbe"] + (["startupProbe"] if kind == "worker" else [])
+        for container in main_containers(deployment):
+            where = f"{ref(deployment)}: containers[{container.get('name')}]"
+            for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+                probe = container.get(probe_name)
+                if probe is None:
+                    if probe_name in wanted:
+                        problems.append(f"{where}: {probe_name}: missing")
+                    continue
+                grpc = probe.get("grpc")
+                if grpc is None:
+                    problems.append(f"{where}: {probe_name}: not a gRPC probe")
+                    continue
+                if not port_matches(grpc.get("port"), container):
+                    problems.append(f"{where}: {probe_name}.grpc.port {grpc.get('port')!r} is no container port")
+                if kind in HEALTH_SERVICES and grpc.get("service") != HEALTH_SERVICES[kind]:
+                    problems.append(f"{where}: {probe_name}.grpc.service {grpc.get('service')!r}; the {kind} "
+                                    f"serves health for {HEALTH_SERVICES[kind]!r}")
+    return problems
+
+
+def check_workers(objects: list[dict[str, Any]]) -> list[str]:
+    """Worker pods ask for a GPU and run on it; every pool has a headless Service that lists only
+    ready pods."""
+    problems = []
+    workers = [d for d in of_kind(objects, "Deployment") if component(d) == "worker"]
+    if not workers:
+        problems.append("no worker Deployment")
+    for deployment in workers:
+        if not pod_labels(deployment).get(POOL):
+            problems.append(f"{ref(deployment)}: pod label {POOL} missing")
+        for container in main_containers(deployment):
+            where = f"{ref(deployment)}: containers[{container.get('name')}]"
+            limits = (container.get("resources") or {}).get("limits") or {}
+            gpus = str(limits.get(GPU, 0))
+            if not gpus.isdigit() or int(gpus) < 1:
+                problems.append(f"{where}: resources.limits[{GPU}] must be >= 1, got {limits.get(GPU)!r}")
+            argv = list(container.get("command") or []) + list(container.get("args") or [])
+            device = env_of(container).get("SWITCHYARD_DEVICE")
+            if "--device" in argv:
+                device = argv[argv.index("--device") + 1] if argv.index("--device") + 1 < len(argv) else None
+            if device != "cuda":
+                problems.append(f"{where}: runs on device {device!r}, expected 'cuda' (--device cuda)")
+    for service in of_kind(objects, "Service"):
+        if (service["spec"].get("selector") or {}).get(COMPONENT) != "worker":
+            continue
+        if service["spec"].get("clusterIP") != "None":
+            problems.append(f"{ref(service)}: worker Services must be headless (clusterIP: None), got "
+                            f"{service['spec'].get('clusterIP')!r}")
+        if service["spec"].get("publishNotReadyAddresses") is not False:
+            problems.append(f"{ref(service)}: publishNotReadyAddresses must be false, so unready workers "
+                            "leave DNS")
+    return problems
+
+
+def check_pod_security(objects: list[dict[str, Any]]) -> list[str]:
+    """Every container (init containers too) runs as non-root without privilege escalation and
+    requests CPU and memory."""
+    problems = []
+    for deployment in of_kind(objects, "Deployment"):
+        pod_ctx = pod_spec(deployment).get("securityContext") or {}
+        for where, container in all_containers(deployment):
+            ctx = container.get("securityContext") or {}
+            non_root = ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot"))
+            user = ctx.get("runAsUser", pod_ctx.get("runAsUser"))
+            if non_root is not True:
+                problems.append(f"{where}: runAsNonRoot must be true (pod or container securityContext)")
+            if user == 0:
+                problems.append(f"{where}: runAsUser is 0 (root)")
+            if ctx.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{where}: securityContext.allowPrivilegeEscalation must be false")
+            if (ctx.get("privileged")) is True:
+                problems.append(f"{where}: privileged")
+            requests = (container.get("resources") or {}).get("requests") or {}
+            for resource in ("cpu", "memory"):
+                if resource not in requests:
+                    problems.append(f"{where}: resources.requests.{resource} missing")
+    return problems
+
+
+def check_containers(objects: list[dict[str, Any]]) -> list[str]:
+    """Each main container runs its component's module, listens on 0.0.0.0, exports traces to an
+    OTLP endpoint, and has Prometheus scrape annotations that name its metrics port."""
+    problems = []
+    for deployment in of_kind(objects, "Deployment"):
+        kind = component(deployment)
+        if kind not in MODULES:
+            problems.append(f"{ref(deployment)}: pod label {COMPONENT} {kind!r} is none of {sorted(MODULES)}")
+            continue
+        annotations = deployment["spec"]["template"]["metadata"].get("annotations") or {}
+        for container in main_containers(deployment):
+            where = f"{ref(deployment)}: containers[{container.get('name')}]"
+            command = container.get("command") or []
+            if command[:3] != ["python", "-m", MODULES[kind]]:
+                problems.append(f"{where}: command {command} does not run python -m {MODULES[kind]}")
+            env = env_of(container)
+            for name in LISTEN_HOSTS[kind]:
+                if env.get(name) != "0.0.0.0":
+                    problems.append(f"{where}: env {name} must be 0.0.0.0 (the default listens on loopback)")
+            if not env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+                problems.append(f"{where}: env OTEL_EXPORTER_OTLP_ENDPOINT missing")
+            if annotations.get("prometheus.io/scrape") != "true":
+                problems.append(f"{ref(deployment)}: pod annotation prometheus.io/scrape must be \"true\"")
+            metrics_port = annotations.get("prometheus.io/port")
+            metrics = [p for p in container.get("ports") or [] if p.get("name") == "metrics"]
+            if not metrics or str(metrics[0]["containerPort"]) != str(metrics_port):
+                problems.append(f"{ref(deployment)}: prometheus.io/port {metrics_port!r} is not the container's "
+                                "port named metrics")
+            if kind == "tokenizer":
+                problems += _check_scheduler_address(objects, where, env.get("SWITCHYARD_SCHEDULER_ADDRESS"))
+    return problems
+
+
+def _service_for_host(objects: list[dict[str, Any]], host: str, namespace: str) -> tuple[dict[str, Any] | None, str]:
+    """The Service a cluster DNS name points at: NAME, NAME.NS, NAME.NS.svc, NAME.NS.svc.cluster.local."""
+    parts = host.split(".")
+    name = parts[0]
+    if len(parts) > 1 and parts[1] != namespace:
+        return None, f"{host!r} is in namespace {parts[1]!r}, not {namespace!r}"
+    if len(parts) > 2 and ".".join(parts[2:]) not in ("svc", "svc.cluster.local"):
+        return None, f"{host!r} is not a Service DNS name (NAME.NAMESPACE.svc.cluster.local)"
+    service = find(objects, "Service", name)
+    if service is None:
+        return None, f"{host!r} names Service {name!r}, which does not exist"
+    return service, ""
+
+
+def _check_scheduler_address(objects: list[dict[str, Any]], where: str, address: str | None) -> list[str]:
+    if not address:
+        return [f"{where}: env SWITCHYARD_SCHEDULER_ADDRESS missing"]
+    host, _, port = address.rpartition(":")
+    service, why = _service_for_host(objects, host, NAMESPACE)
+    if service is None:
+        return [f"{where}: SWITCHYARD_SCHEDULER_ADDRESS: {why}"]
+    if (service["spec"].get("selector") or {}).get(COMPONENT) != "scheduler":
+        return [f"{where}: SWITCHYARD_SCHEDULER_ADDRESS names {ref(service)}, which is not the scheduler's"]
+    if not any(str(p["port"]) == port for p in service["spec"].get("ports") or []):
+        return [f"{where}: SWITCHYARD_SCHEDULER_ADDRESS port {port} is not a port of {ref(service)}"]
+    return []
+
+
+def pools_file(objects: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, list[str]]:
+    """The scheduler's pools JSON, followed from SWITCHYARD_POOLS_FILE through its volume mount to
+    the ConfigMap key; (parsed JSON, problems)."""
+    schedulers = [d for d in of_kind(objects, "Deployment") if component(d) == "scheduler"]
+    if len(schedulers) != 1:
+        return None, [f"expected 1 scheduler Deployment, found {len(schedulers)}"]
+    scheduler = schedulers[0]
+    problems = []
+    if scheduler["spec"].get("replicas", 1) != 1:
+        problems.append(f"{ref(scheduler)}: replicas must be 1 (the scheduler owns the workers' block tables)")
+    container = main_containers(scheduler)[0]
+    where = f"{ref(scheduler)}: containers[{container.get('name')}]"
+    path = env_of(container).get("SWITCHYARD_POOLS_FILE")
+    if not path:
+        return None, problems + [f"{where}: env SWITCHYARD_POOLS_FILE missing"]
+    mounts = [m for m in container.get("volumeMounts") or [] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    if not mounts:
+        return None, problems + [f"{where}: SWITCHYARD_POOLS_FILE {path} is under no volumeMount"]
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    key = path[len(mount["mountPath"].rstrip("/")) + 1:]
+    volume = next((v for v in pod_spec(scheduler).get("volumes") or [] if v["name"] == mount["name"]), None)
+    if volume is None or "configMap" not in volume:
+        return None, problems + [f"{where}: volume {mount['name']!r} is not a ConfigMap volume"]
+    config_map = find(objects, "ConfigMap", volume["configMap"]["name"])
+    if config_map is None:
+        return None, problems + [f"{where}: ConfigMap {volume['configMap']['name']!r} does not exist"]
+    data = config_map.get("data") or {}
+    if key not in data:
+        return None, problems + [f"{ref(config_map)}: no key {key!r} (SWITCHYARD_POOLS_FILE {path})"]
+    try:
+        return json.loads(data[key]), problems
+    except ValueError as e:
+        return None, problems + [f"{ref(config_map)}: {key} is not JSON: {e}"]
+
+
+def check_pools(objects: list[dict[str, Any]]) -> list[str]:
+    """Every pool's "dns" names a headless worker Service of this namespace on its gRPC port, whose
+    pods carry the pool's name and version; weights are non-negative and not all zero."""
+    pools, problems = pools_file(objects)
+    if pools is None:
+        return problems
+    entries = pools.get("pools") if isinstance(pools, dict) else None
+    if not isinstance(entries, list) or not entries:
+        return problems + ["pools file: expected {\"pools\": [...]} with at least one pool"]
+    names = [p.get("name") for p in entries]
+    if len(set(names)) != len(names):
+        problems.append(f"pools file: pool names repeat: {names}")
+    weights = []
+    workers = [d for d in of_kind(objects, "Deployment") if component(d) == "worker"]
+    for pool in entries:
+        where = f"pools file: pool {pool.get('name')!r}"
+        unknown = set(pool) - {"name", "version", "weight", "dns", "workers"}
+        if unknown:
+            problems.append(f"{where}: unknown keys {sorted(unknown)}")
+        weight = pool.get("weight")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            problems.append(f"{where}: weight must be a number >= 0, got {weight!r}")
+        else:
+            weights.append(weight)
+        if not isinstance(pool.get("version"), str) or not pool.get("version"):
+            problems.append(f"{where}: version missing")
+        dns = pool.get("dns")
+        if not isinstance(dns, str) or not re.fullmatch(r"[a-z0-9.-]+:\d{1,5}", dns):
+            problems.append(f"{where}: dns must be \"host:port\", got {dns!r}")
+            continue
+        host, _, port = dns.rpartition(":")
+        service, why = _service_for_host(objects, host, NAMESPACE)
+        if service is None:
+            problems.append(f"{where}: dns {why}")
+            continue
+        if service["spec"].get("clusterIP") != "None":
+            problems.append(f"{where}: dns names {ref(service)}, which is not headless")
+        service_ports = [p for p in service["spec"].get("ports") or [] if str(p["port"]) == port]
+        if not service_ports:
+            problems.append(f"{where}: dns port {port} is not a port of {ref(service)}")
+        selector = service["spec"].get("selector") or {}
+        selected = [d for d in workers if selects(selector, pod_labels(d))]
+        if len(selected) != 1:
+            problems.append(f"{where}: {ref(service)} selects {len(selected)} worker Deployments, expected 1")
+            continue
+        deployment = selected[0]
+        if pod_labels(deployment).get(POOL) != pool.get("name"):
+            problems.append(f"{where}: {ref(deployment)} pods are labelled {POOL}="
+                            f"{pod_labels(deployment).get(POOL)!r}, not the pool's name")
+        for container in main_containers(deployment):
+            env = env_of(container)
+            if env.get("SWITCHYARD_MODEL_VERSION") != pool.get("version"):
+                problems.append(f"{where}: version {pool.get('version')!r} but {ref(deployment)} runs "
+                                f"SWITCHYARD_MODEL_VERSION={env.get('SWITCHYARD_MODEL_VERSION')!r}")
+            if service_ports and not port_matches(service_ports[0].get("targetPort", int(port)), container):
+                problems.append(f"{where}: {ref(service)} port {port} targets no port of {ref(deployment)}")
+            if env.get("SWITCHYARD_WORKER_PORT") not in (None, port):
+                problems.append(f"{where}: workers listen on {env.get('SWITCHYARD_WORKER_PORT')}, dns says {port}")
+    if weights and sum(weights) <= 0:
+        problems.append(f"pools file: weights {weights} send no traffic anywhere")
+    return problems
+
+
+ROUTE_PORT_NAMES = {"GRPCRoute": "grpc", "HTTPRoute": "http"}
+
+
+def check_routes(objects: list[dict[str, Any]]) -> list[str]:
+    """Gateway API routes attach to a listener of an existing Gateway that admits their kind, and
+    send traffic, with weights that add up to something, to existing Services on ports of the
+    right protocol."""
+    problems = []
+    for route in [o for o in objects if o.get("kind") in ROUTE_PORT_NAMES]:
+        kind = route["kind"]
+        for parent in route["spec"].get("parentRefs") or []:
+            gateway = find(objects, "Gateway", parent.get("name"))
+            if gateway is None or parent.get("namespace") not in (None, gateway["metadata"].get("namespace")):
+                problems.append(f"{ref(route)}: parentRefs: Gateway {parent.get('name')!r} does not exist")
+                continue
+            listeners = [l for l in gateway["spec"]["listeners"]
+                         if parent.get("sectionName") in (None, l["name"])]
+            if not listeners:
+                problems.append(f"{ref(route)}: parentRefs: {ref(gateway)} has no listener "
+                                f"{parent.get('sectionName')!r}")
+            for listener in listeners:
+                kinds = [k["kind"] for k in (listener.get("allowedRoutes") or {}).get("kinds") or []]
+                if kinds and kind not in kinds:
+                    problems.append(f"{ref(route)}: {ref(gateway)} listener {listener['name']!r} admits {kinds}, "
+                                    f"not {kind}")
+        if not route["spec"].get("parentRefs"):
+            problems.append(f"{ref(route)}: no parentRefs: the route attaches to nothing")
+        for i, rule in enumerate(route["spec"].get("rules") or []):
+            backends = rule.get("backendRefs") or []
+            if not backends:
+                problems.append(f"{ref(route)}: rules[{i}]: no backendRefs")
+            total = 0
+            for backend in backends:
+                total += backend.get("weight", 1)
+                if backend.get("kind", "Service") != "Service" or backend.get("group", "") != "":
+                    problems.append(f"{ref(route)}: rules[{i}]: backend {backend.get('name')!r} is not a Service")
+                    continue
+                service = find(objects, "Service", backend.get("name"))
+                if service is None:
+                    problems.append(f"{ref(route)}: rules[{i}]: Service {backend.get('name')!r} does not exist")
+                    continue
+                ports = {p["port"]: p for p in service["spec"].get("ports") or []}
+                if backend.get("port") not in ports:
+                    problems.append(f"{ref(route)}: rules[{i}]: port {backend.get('port')!r} is not a port of "
+                                    f"{ref(service)} ({sorted(ports)})")
+                elif ports[backend["port"]].get("name") != ROUTE_PORT_NAMES[kind]:
+                    problems.append(f"{ref(route)}: rules[{i}]: {kind} sends to {ref(service)} port "
+                                    f"{backend['port']} ({ports[backend['port']].get('name')!r}), expected the "
+                                    f"{ROUTE_PORT_NAMES[kind]!r} port")
+            if backends and total <= 0:
+                problems.append(f"{ref(route)}: rules[{i}]: weights add up to {total}: no traffic goes anywhere")
+    return problems
+
+
+def _env_names_read(component_name: str) -> str:
+    """The source text of the modules that read a component's environment (its package and shared/)."""
+    texts = []
+    for folder in (ROOT / "services" / component_name, ROOT / "shared"):
+        texts += [p.read_text(errors="replace") for p in sorted(folder.rglob("*.py"))]
+    return "\n".join(texts)
+
+
+def check_env_names(objects: list[dict[str, Any]]) -> list[str]:
+    """Every SWITCHYARD_* variable set on a container is one its service reads (a misspelt name
+    would be ignored silently, and the default listens on loopback)."""
+    problems = []
+    sources: dict[str, str] = {}
+    for deployment in of_kind(objects, "Deployment"):
+        for where, container in all_containers(deployment):
+            command = container.get("command") or []
+            module = command[2] if len(command) > 2 and command[:2] == ["python", "-m"] else ""
+            component_name = module.split(".")[1] if module.startswith("services.") else ""
+            if not component_name:
+                continue
+            if component_name not in sources:
+                sources[component_name] = _env_names_read(component_name)
+            for name in env_of(container):
+                if name.startswith("SWITCHYARD_") and f'"{name}"' not in sources[component_name]:
+                    problems.append(f"{where}: env {name} is read by neither services/{component_name}/ "
+                                    "nor shared/")
+    return problems
+
+
+def check_namespace(objects: list[dict[str, Any]]) -> list[str]:
+    problems = []
+    for obj in objects:
+        if obj["kind"] == "Namespace":
+            continue
+        if obj["metadata"].get("namespace") != NAMESPACE:
+            problems.append(f"{ref(obj)}: namespace {obj['metadata'].get('namespace')!r}, expected {NAMESPACE!r}")
+    if find(objects, "Namespace", NAMESPACE) is None:
+        problems.append(f"Namespace {NAMESPACE!r} is not part of the manifests")
+    return problems
+
+
+CHECKS = (check_namespace, check_service_selectors, check_probes, check_workers, check_pod_security,
+          check_containers, check_pools, check_routes, check_env_names)
+
+
+def semantic_problems(objects: list[dict[str, Any]]) -> list[str]:
+    return [problem for check in CHECKS for problem in check(objects)]
+
+
+def mutated(objects: list[dict[str, Any]], kind: str, name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A deep copy of `objects` and the copy of one object in it, to break in a negative test."""
+    copies = copy.deepcopy(objects)
+    target = find(copies, kind, name)
+    if target is None:
+        raise KeyError(f"{kind}/{name} not rendered")
+    return copies, target
