@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from services.worker.kernels.triton.tiles import DotConfig, max_combine, sum_combine
+from services.worker.kernels.triton.tiles import DotConfig, attend_keys, max_combine, sum_combine
 
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the extra parallelism
 MAX_SPLITS = 32
@@ -77,27 +77,11 @@ def _decode_kernel(
     q = tl.load(q_ptr + token * stride_qt + head[:, None] * stride_qh + dims[None, :], mask=q_mask,
                 other=0.0).to(DOT_DTYPE)
 
-    m_i = tl.full([ROWS], -1.0e30, dtype=tl.float32)  # finite: see prefill.py
-    l_i = tl.full([ROWS], 0.0, dtype=tl.float32)
-    acc = tl.full([ROWS, HEAD_DIM_P], 0.0, dtype=tl.float32)
-    table = block_tables_ptr + req * stride_bt
-    for start in range(kv_start, kv_end, TILE_N):
-        n = start + tl.arange(0, TILE_N)
-        n_valid = n < kv_end
-        block = tl.load(table + n // BLOCK_SIZE, mask=n_valid, other=0)
-        kv_off = block * stride_cblock + (n % BLOCK_SIZE) * stride_cslot + kv_head * stride_chead
-        kv_mask = n_valid[:, None] & dim_valid[None, :]
-        k = tl.load(cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        s = tl.where(n_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, max_combine))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.reduce(p, 1, sum_combine)
-        v = tl.load(cache_ptr + stride_cplane + kv_off[:, None] + dims[None, :], mask=kv_mask,
-                    other=0.0).to(DOT_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
-        m_i = m_new
+    acc, m_i, l_i = attend_keys(
+        q, kv_end, block_tables_ptr + req * stride_bt, cache_ptr, kv_start, kv_end, kv_head, dims, dim_valid,
+        scale_log2, stride_cplane, stride_cblock, stride_cslot, stride_chead,
+        ROWS, HEAD_DIM_P, TILE_N, BLOCK_SIZE, False, DOT_DTYPE, PRECISION,  # the last token sees every key
+    )
     has_keys = l_i > 0  # false only for a split past the end of a short context
     acc = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     if SPLIT:

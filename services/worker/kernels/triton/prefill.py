@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from services.worker.kernels.triton.tiles import DotConfig, max_combine, sum_combine
+from services.worker.kernels.triton.tiles import DotConfig, attend_keys
 
 
 @triton.jit
@@ -62,30 +62,11 @@ def _prefill_kernel(
 
     # The last query of this tile sees keys up to its own position; nothing later is loaded.
     kv_end = tl.minimum(seq_len, context_len + (q_tile + 1) * BLOCK_Q)
-    # A finite floor instead of -inf keeps exp2(m_old - m_new) defined while a row has seen only
-    # masked keys (padding rows never see any).
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
-    acc = tl.full([BLOCK_M, HEAD_DIM_P], 0.0, dtype=tl.float32)
-    table = block_tables_ptr + req * stride_bt
-    for start in range(0, kv_end, TILE_N):
-        n = start + tl.arange(0, TILE_N)
-        n_valid = n < kv_end
-        block = tl.load(table + n // BLOCK_SIZE, mask=n_valid, other=0)
-        kv_off = block * stride_cblock + (n % BLOCK_SIZE) * stride_cslot + kv_head * stride_chead
-        kv_mask = n_valid[:, None] & dim_valid[None, :]
-        k = tl.load(cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        visible = (n[None, :] <= q_pos[:, None]) & n_valid[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, max_combine))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.reduce(p, 1, sum_combine)
-        v = tl.load(cache_ptr + stride_cplane + kv_off[:, None] + dims[None, :], mask=kv_mask,
-                    other=0.0).to(DOT_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
-        m_i = m_new
+    acc, _, l_i = attend_keys(
+        q, q_pos, block_tables_ptr + req * stride_bt, cache_ptr, 0, kv_end, kv_head, dims, dim_valid, scale_log2,
+        stride_cplane, stride_cblock, stride_cslot, stride_chead,
+        BLOCK_M, HEAD_DIM_P, TILE_N, BLOCK_SIZE, True, DOT_DTYPE, PRECISION,
+    )
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (q_start + token)[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=q_mask)
