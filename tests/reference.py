@@ -38,15 +38,17 @@ def load_hf_model(model_dir: str):  # noqa: ANN201 (transformers type)
 
 
 @torch.inference_mode()
-def hf_greedy(model_dir: str | Path, prompt_token_ids: Sequence[int], max_new_tokens: int) -> Reference:
-    """HF `generate` with greedy decoding; EOS does not stop it (our runs ignore EOS too)."""
+def hf_greedy(model_dir: str | Path, prompt_token_ids: Sequence[int], max_new_tokens: int,
+              eos_token_ids: Sequence[int] | None = None) -> Reference:
+    """HF `generate` with greedy decoding; EOS stops it only when `eos_token_ids` are given (the
+    returned tokens then end with the EOS that stopped it, as HF's do)."""
     model = load_hf_model(str(model_dir))
     out = model.generate(
         torch.tensor([list(prompt_token_ids)]),
         attention_mask=torch.ones(1, len(prompt_token_ids), dtype=torch.int64),
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        eos_token_id=None,
+        eos_token_id=list(eos_token_ids) if eos_token_ids else None,
         pad_token_id=0,
         output_logits=True,
         return_dict_in_generate=True,

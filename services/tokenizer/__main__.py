@@ -6,7 +6,6 @@ import asyncio
 import logging
 import math
 import sys
-from pathlib import Path
 
 from services.tokenizer.codec import Codec
 from services.tokenizer.config import TokenizerConfig, parse_config
@@ -17,6 +16,7 @@ from services.tokenizer.servicer import GenerationServicer
 from shared.auth import ApiKeys, Gate, GateInterceptor
 from shared.config import ConfigError
 from shared.errors import SwitchyardError
+from shared.gguf_model import GgufError, served_model_name
 from shared.rate_limit import RateLimiter
 from shared.server import serve
 from shared.telemetry import setup_telemetry, start_metrics_server
@@ -30,7 +30,7 @@ async def run(config: TokenizerConfig) -> None:
     codec = Codec(config.model_dir)
     gate = make_gate(config)
     scheduler = SchedulerClient(config.scheduler_address, config.tls)
-    frontend = Frontend(codec, scheduler, model_name=config.model_name or Path(config.model_dir).name)
+    frontend = Frontend(codec, scheduler, model_name=config.model_name or served_model_name(config.model_dir))
     servicer = GenerationServicer(frontend, version=config.version, max_request_bytes=config.max_request_bytes)
     app = create_app(frontend, max_request_bytes=config.max_request_bytes, gate=gate) if config.http_port else None
     http = await serve_http(app, config.http_host, config.http_port, grace_s=config.grace_s,
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_config(argv)
         asyncio.run(run(config))
-    except (ConfigError, FileNotFoundError, SwitchyardError) as e:
+    except (ConfigError, FileNotFoundError, GgufError, SwitchyardError) as e:
         logger.error("%s", e)
         return 2
     return 0

@@ -1,4 +1,4 @@
-"""The model's tokenizer and chat template, loaded from the model directory (never a hub).
+"""The model's tokenizer and chat template, from the model directory or GGUF file (never a hub).
 
 Chat messages are rendered to text with the template and then encoded like any prompt, so BOS
 is added exactly once (the template itself carries no BOS).
@@ -12,17 +12,25 @@ from typing import Sequence
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from shared.gguf_model import GgufModel, is_gguf_path
+
 
 class Codec:
     def __init__(self, model_dir: str | Path) -> None:
         self.model_dir = Path(model_dir)
-        config_path = self.model_dir / "config.json"
-        if not config_path.exists():
-            raise FileNotFoundError(f"model: {self.model_dir} has no config.json (run `make model`?)")
-        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-        config = json.loads(config_path.read_text())
-        self.max_model_len = int(config.get("max_position_embeddings", 2048))
-        self.vocab_size = int(config.get("vocab_size", len(self.tokenizer)))
+        if is_gguf_path(self.model_dir):
+            gguf = GgufModel(self.model_dir)  # validates first: a bad file is one GgufError line
+            self.tokenizer: PreTrainedTokenizerBase = gguf.tokenizer
+            self.max_model_len = gguf.config.max_position_embeddings
+            self.vocab_size = gguf.config.vocab_size
+        else:
+            config_path = self.model_dir / "config.json"
+            if not config_path.exists():
+                raise FileNotFoundError(f"model: {self.model_dir} has no config.json (run `make model`?)")
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+            config = json.loads(config_path.read_text())
+            self.max_model_len = int(config.get("max_position_embeddings", 2048))
+            self.vocab_size = int(config.get("vocab_size", len(self.tokenizer)))
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

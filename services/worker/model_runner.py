@@ -1,6 +1,7 @@
 """Runs a Hugging Face Llama-family model over a flat, paged batch.
 
-The weights and every layer module come from transformers (loaded from safetensors); only the
+The weights and every layer module come from transformers (loaded from safetensors, or from a
+GGUF file through `shared.gguf_model`); only the
 attention call is ours, so K/V go to the slots a step names and attention reads the paged blocks.
 Reusing HF's own modules (norms, projections, rotary embedding, MLP) is what keeps greedy output
 token-identical to `generate`. Llama, Mistral and Qwen2 share this layout; Qwen3-style q/k norms
@@ -18,6 +19,7 @@ import torch
 
 from services.worker.kernels import AttentionMetadata, select_backend
 from services.worker.kv_pool import KVPool, KVPoolShape, num_blocks_for_budget
+from shared.gguf_model import GgufModel, is_gguf_path, served_model_name
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -87,19 +89,26 @@ class ModelRunner:
         from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415 (slow import)
 
         self.model_dir = Path(model_dir)
-        if not (self.model_dir / "config.json").exists():
-            raise FileNotFoundError(f"model: {self.model_dir} has no config.json (run `make model`?)")
-        config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"model: architecture {config.model_type!r} is not supported; "
-                f"expected one of {SUPPORTED_MODEL_TYPES}"
-            )
         torch_dtype = parse_dtype(dtype)
         self.device = torch.device(device)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.model_dir, dtype=torch_dtype, local_files_only=True
-        ).to(self.device).eval()
+        if is_gguf_path(self.model_dir):
+            gguf = GgufModel(self.model_dir)  # validates first: a bad file is one GgufError line
+            config = gguf.hf_config()
+            self.model = gguf.hf_model(torch_dtype).to(self.device)
+            eos_token_ids = gguf.config.eos_token_ids
+        else:
+            if not (self.model_dir / "config.json").exists():
+                raise FileNotFoundError(f"model: {self.model_dir} has no config.json (run `make model`?)")
+            config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
+            if config.model_type not in SUPPORTED_MODEL_TYPES:
+                raise ValueError(
+                    f"model: architecture {config.model_type!r} is not supported; "
+                    f"expected one of {SUPPORTED_MODEL_TYPES}"
+                )
+            self.model = AutoModelForCausalLM.from_pretrained(
+                self.model_dir, dtype=torch_dtype, local_files_only=True
+            ).to(self.device).eval()
+            eos_token_ids = _eos_ids(config, self.model_dir)
         self._apply_rotary = sys.modules[type(self.model.model.layers[0].self_attn).__module__].apply_rotary_pos_emb
         attn = self.model.model.layers[0].self_attn
         num_kv_heads = config.num_key_value_heads
@@ -107,12 +116,12 @@ class ModelRunner:
         if max_model_len is not None and max_model_len > limit:
             raise ValueError(f"max_model_len: {max_model_len} exceeds the model's {limit}")
         self.spec = ModelSpec(
-            name=name or self.model_dir.name,
+            name=name or served_model_name(self.model_dir),
             model_type=config.model_type,
             dtype=dtype,
             vocab_size=int(config.vocab_size),
             max_model_len=max_model_len or limit,
-            eos_token_ids=_eos_ids(config, self.model_dir),
+            eos_token_ids=eos_token_ids,
             num_layers=int(config.num_hidden_layers),
             num_kv_heads=int(num_kv_heads),
             head_dim=int(attn.head_dim),

@@ -25,6 +25,7 @@ import torch
 from services.worker.kernels import AttentionMetadata
 from services.worker.kv_pool import NULL_BLOCK_ID, KVPoolShape
 from services.worker.model_runner import ModelSpec, _eos_ids, kv_pool_shape, parse_dtype
+from shared.gguf_model import is_gguf_path
 
 NULL_LOGIT = 1.0e4  # the chosen token's logit; every other logit is 0
 
@@ -71,6 +72,9 @@ class NullModelRunner:
     ) -> None:
         self.model_dir = Path(model_dir)
         config_path = self.model_dir / "config.json"
+        if is_gguf_path(self.model_dir):
+            raise ValueError(f"model: {self.model_dir}: the null model reads a model directory, not a GGUF "
+                             "file (convert it with `python -m services.worker.make_model --gguf FILE`)")
         if not config_path.exists():
             raise FileNotFoundError(f"model: {self.model_dir} has no config.json (run `make model`?)")
         raw = json.loads(config_path.read_text())
