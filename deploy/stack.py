@@ -28,7 +28,7 @@ from shared.errors import InvalidArgument
 from shared.tls import TlsConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = REPO_ROOT / "models" / "tiny-llama"
+DEFAULT_MODEL = REPO_ROOT / "models" / "smollm2-135m-instruct"
 SERVICES = ("worker", "scheduler", "tokenizer")  # start order; `down` stops in reverse
 HEALTH_NAMES = {"worker": "switchyard.worker.v1.Worker", "scheduler": "switchyard.scheduler.v1.Scheduler",
                 "tokenizer": "switchyard.api.v1.Generation"}
@@ -271,10 +271,10 @@ def _wait_serving(tier: list[Process], timeout_s: float, started: list[Process],
 def ensure_model(c: StackConfig) -> None:
     """Makes the default model when it is missing; any other directory is the worker's to judge."""
     if Path(c.model_dir).resolve() == DEFAULT_MODEL and not (DEFAULT_MODEL / "config.json").exists():
-        print(f"default model {DEFAULT_MODEL} is missing; making it (a minute or two) ...", flush=True)
+        print(f"default model {DEFAULT_MODEL} is missing; making it (under a minute) ...", flush=True)
         from services.worker.make_model import make_model  # noqa: PLC0415 (loads torch only when needed)
 
-        make_model("tiny", DEFAULT_MODEL)
+        make_model("smollm2", DEFAULT_MODEL, cache_dir=DEFAULT_MODEL.parent / ".cache")
 
 
 def start_stack(config: StackConfig) -> Stack:

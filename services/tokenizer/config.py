@@ -35,10 +35,11 @@ class TokenizerConfig:
 
 def parse_config(argv: list[str] | None = None) -> TokenizerConfig:
     p = argparse.ArgumentParser(prog="python -m services.tokenizer", description="Switchyard front door")
-    p.add_argument("--model", default=env_str("SWITCHYARD_MODEL", "models/tiny-llama"),
-                   help="model directory holding tokenizer.json and the chat template [SWITCHYARD_MODEL]")
+    p.add_argument("--model", default=env_str("SWITCHYARD_MODEL", "models/smollm2-135m-instruct"),
+                   help="model directory holding tokenizer.json and the chat template, or a .gguf file "
+                        "[SWITCHYARD_MODEL]")
     p.add_argument("--model-name", default=env_str("SWITCHYARD_MODEL_NAME", "") or None,
-                   help="served model name; default the directory name [SWITCHYARD_MODEL_NAME]")
+                   help="served model name; default the directory name or file stem [SWITCHYARD_MODEL_NAME]")
     p.add_argument("--scheduler", default=env_str("SWITCHYARD_SCHEDULER_ADDRESS", "127.0.0.1:50052"),
                    help="scheduler address [SWITCHYARD_SCHEDULER_ADDRESS]")
     p.add_argument("--host", default=env_str("SWITCHYARD_TOKENIZER_HOST", "127.0.0.1"),

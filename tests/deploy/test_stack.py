@@ -154,7 +154,7 @@ def test_full_stack_streams_a_completion(tmp_path: Path, tiny_model_dir: Path) -
         assert [(s.process.name, s.health) for s in stack_status(config.run_dir)] == [
             ("worker-1", "SERVING"), ("scheduler", "SERVING"), ("tokenizer", "SERVING")]
         demo = subprocess.run([sys.executable, "-m", "deploy.demo", "--address", stack.tokenizer_address,
-                               "--max-tokens", "8", "def add(a, b):"],
+                               "--max-tokens", "8", "--raw", "def add(a, b):"],
                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
         assert demo.returncode == 0, demo.stdout + demo.stderr
         assert "def add(a, b):" in demo.stdout and "completion_tokens=" in demo.stdout

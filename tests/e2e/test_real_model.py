@@ -8,6 +8,8 @@ handful of factual questions must be answered correctly at temperature 0.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import grpc
 import openai
@@ -16,6 +18,7 @@ from switchyard.api.v1 import generation_pb2 as pb
 from switchyard.api.v1 import generation_pb2_grpc
 
 from deploy.stack import start_stack, stop_stack
+from tests.conftest import REPO_ROOT
 from tests.deploy.test_stack import make_config
 from tests.reference import assert_greedy_matches, hf_greedy
 
@@ -53,7 +56,9 @@ FACTS = {
 @pytest.fixture(scope="module")
 def stack(smollm2_model_dir, tmp_path_factory):
     config = make_config(tmp_path_factory.mktemp("run"), smollm2_model_dir,
-                         services=("worker", "scheduler", "tokenizer"), timeout_s=120.0)
+                         services=("worker", "scheduler", "tokenizer"), timeout_s=120.0,
+                         # The KV pool sized as `make up` sizes it (from the memory budget).
+                         worker_args=("--num-threads", "1"))
     running = start_stack(config)
     try:
         yield running
@@ -101,8 +106,11 @@ async def test_factual_questions_are_answered_correctly(stack) -> None:
     assert model == "smollm2-135m-instruct"
 
     async def ask(question: str) -> str:
+        # The first question sets no max_tokens, as most chat clients do: the default is "up to the
+        # whole context", which the worker's KV pool must be able to hold.
+        limit = {} if question == next(iter(FACTS)) else {"max_tokens": 32}
         reply = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=32)
+            model=model, messages=[{"role": "user", "content": question}], temperature=0, **limit)
         return reply.choices[0].message.content
 
     answers = await asyncio.gather(*(ask(question) for question in FACTS))
@@ -110,3 +118,12 @@ async def test_factual_questions_are_answered_correctly(stack) -> None:
     assert not wrong, f"wrong answers: {wrong}"
     assert "<|im_end|>" not in "".join(answers)
     await client.close()
+
+
+def test_the_demo_that_make_run_ends_with_answers_its_question(stack) -> None:
+    demo = subprocess.run([sys.executable, "-m", "deploy.demo", "--address", stack.tokenizer_address],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    question, _, rest = demo.stdout.partition("\nassistant: ")
+    assert question == "user: What is the capital of France?", demo.stdout
+    assert "Paris" in rest and "finish_reason=stop" in rest, demo.stdout
