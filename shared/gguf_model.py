@@ -115,11 +115,11 @@ class GgufModel:
             size = self.path.stat().st_size
             raise GgufError(self.path, f"truncated or corrupt: its metadata and tensor table do not parse "
                                        f"within its {size} bytes ({type(e).__name__})") from None
-        self._check_tensors()
         self.architecture = str(self.field("general.architecture", ""))
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise GgufError(self.path, f"architecture {self.architecture!r} is not supported "
                                        f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        self._check_tensors()
         self.config = self._read_config()
         self.name = str(self.field("general.name", "") or self.path.stem)
         self.chat_template: str | None = self.field("tokenizer.chat_template", None)
