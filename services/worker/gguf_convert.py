@@ -45,9 +45,6 @@ def write_model_dir(gguf_path: Path, out_dir: Path, source: str, license_name: s
         "name": gguf.name, "source": source, "license": license_name, "gguf": gguf_path.name,
         "note": "weights dequantized to float32 from the GGUF; quality is that of its quantization",
     }, indent=2) + "\n")
-    # save_pretrained writes the weights 0600; containers running as another user must read them.
-    for path in out_dir.iterdir():
-        path.chmod(0o644)
 
 
 @torch.inference_mode()

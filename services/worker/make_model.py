@@ -275,9 +275,6 @@ def write_random(preset: str, staging: Path) -> None:
     log(f"saving to {staging}")
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    # save_pretrained writes the weights 0600; containers running as another user must read them.
-    for path in staging.iterdir():
-        path.chmod(0o644)
     verify(staging)
 
 
@@ -306,6 +303,9 @@ def make_model(preset: str = DEFAULT_PRESET, out_dir: Path | None = None, force:
         check_chat(staging)
     else:
         write_random(preset, staging)
+    # save_pretrained writes the weights 0600; containers running as another user must read them.
+    for path in staging.iterdir():
+        path.chmod(0o644)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)

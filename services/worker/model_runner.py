@@ -99,8 +99,8 @@ class ModelRunner:
         self.device = torch.device(device)
         if is_gguf_path(self.model_dir):
             gguf = GgufModel(self.model_dir)  # validates first: a bad file is one GgufError line
-            config = gguf.hf_config()
             self.model = gguf.hf_model(torch_dtype).to(self.device)
+            config = self.model.config
             eos_token_ids = gguf.config.eos_token_ids
         else:
             if not (self.model_dir / "config.json").exists():

@@ -19,8 +19,7 @@ LOGPROBS = SamplingParams(temperature=0.0, return_logprobs=True, num_logprobs=5)
 
 @pytest.fixture(scope="module")
 def gguf_path(smollm2_model_dir):
-    path = smollm2_model_dir.parent / ".cache" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return smollm2.fetch_gguf(path.parent)
+    return smollm2.fetch_gguf(smollm2_model_dir.parent / ".cache")
 
 
 def run_greedy(model, prompt_ids: list[int]) -> Job:
