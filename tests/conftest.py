@@ -10,6 +10,9 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Workers the tests start compare tokens with Hugging Face's float32 `generate`; `--dtype auto` would
+# pick bfloat16 on CPUs with native bf16. Tests of other dtypes pass --dtype themselves.
+os.environ.setdefault("SWITCHYARD_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from services.worker.executor import Executor
 from services.worker.model_runner import ModelRunner
 from services.worker.null_runner import NullModelRunner
 from services.worker.servicer import WorkerServicer
+from shared.cpu_features import available_cpus
 from shared.errors import SwitchyardError
 from shared.server import serve
 from shared.telemetry import setup_telemetry, start_metrics_server
@@ -22,9 +23,11 @@ logger = logging.getLogger("switchyard.worker")
 
 async def run(config: WorkerConfig) -> None:
     telemetry = setup_telemetry("switchyard-worker")
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    logger.info("loading %s (%s on %s)%s", config.model_dir, config.dtype, config.device,
+    # One intra-op thread per core this process owns (its affinity): torch's default counts the
+    # machine's cores, which oversubscribes a worker pinned to fewer.
+    torch.set_num_threads(config.num_threads or available_cpus())
+    logger.info("loading %s (%s on %s, quantization %s, %d threads)%s", config.model_dir, config.dtype,
+                config.device, config.quantization, torch.get_num_threads(),
                 " as a null model (no weights)" if config.null_model else "")
     common = dict(dtype=config.dtype, device=config.device, block_size=config.block_size,
                   num_blocks=config.num_blocks, kv_cache_bytes=config.kv_cache_bytes,
@@ -33,10 +36,11 @@ async def run(config: WorkerConfig) -> None:
     if config.null_model:  # computes nothing, so there is no decode graph to capture
         runner = NullModelRunner(config.model_dir, **common)
     else:
-        runner = ModelRunner(config.model_dir, cuda_graphs=config.cuda_graphs, **common)
+        runner = ModelRunner(config.model_dir, cuda_graphs=config.cuda_graphs, quantization=config.quantization,
+                             **common)
     logger.info(
-        "model %s: %d KV blocks of %d tokens (%.1f MiB), attention %s, max_model_len %d",
-        runner.spec.name, runner.num_blocks, runner.block_size, runner.kv_pool.shape.num_bytes / 2**20,
+        "model %s (%s): %d KV blocks of %d tokens (%.1f MiB), attention %s, max_model_len %d",
+        runner.spec.name, runner.spec.dtype, runner.num_blocks, runner.block_size, runner.kv_pool.shape.num_bytes / 2**20,
         runner.backend.name, runner.spec.max_model_len,
     )
     servicer = WorkerServicer(Executor(runner), version=config.version, address=config.address)

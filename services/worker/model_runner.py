@@ -1,24 +1,24 @@
 """Runs a Hugging Face Llama-family model over a flat, paged batch.
 
-The weights and every layer module come from transformers (loaded from safetensors, or from a
-GGUF file through `shared.gguf_model`); only the
-attention call is ours, so K/V go to the slots a step names and attention reads the paged blocks.
-Reusing HF's own modules (norms, projections, rotary embedding, MLP) is what keeps greedy output
-token-identical to `generate`. Llama, Mistral and Qwen2 share this layout; Qwen3-style q/k norms
-are applied when present.
+transformers loads the weights (from safetensors, or from a GGUF file through
+`shared.gguf_model`); `services.worker.llama.LlamaModel` fuses them and runs the forward pass, so
+K/V go to the slots a step names and attention reads the paged blocks.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from services.worker.calibration import activation_absmax, calibration_ids
 from services.worker.kernels import AttentionMetadata, select_backend
+from services.worker.linear import QUANTIZATIONS
+from services.worker.llama import LlamaModel
 from services.worker.kv_pool import KVPool, KVPoolShape, num_blocks_for_budget
+from shared.cpu_features import cpu_features
 from shared.gguf_model import GgufModel, is_gguf_path, served_model_name
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,9 +40,30 @@ class ModelSpec:
     head_dim: int
 
 
+DTYPE_CHOICES = ("auto", *_DTYPES)
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    """`auto` is the fastest dtype the device computes in natively, else the name as given.
+
+    CPU: bfloat16 only with native bf16 dot products (AVX512-BF16 or AMX); without them torch
+    emulates bf16 GEMMs at a quarter of float32's speed or worse (measured on an AVX2 EPYC), so
+    float32, which is also the dtype that matches Hugging Face token for token. CUDA: bfloat16
+    where supported, else float16.
+    """
+    if name != "auto":
+        parse_dtype(name)
+        return name
+    if torch.device(device).type == "cuda":
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float16"
+    if torch.device(device).type == "cpu" and cpu_features().bf16:
+        return "bfloat16"
+    return "float32"
+
+
 def parse_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {name!r}")
+        raise ValueError(f"dtype: expected one of {list(DTYPE_CHOICES)}, got {name!r}")
     return _DTYPES[name]
 
 
@@ -91,16 +112,20 @@ class ModelRunner:
         max_model_len: int | None = None,
         name: str | None = None,
         cuda_graphs: bool = True,
+        quantization: str = "none",
     ) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415 (slow import)
 
         self.model_dir = Path(model_dir)
+        dtype = resolve_dtype(dtype, device)
         torch_dtype = parse_dtype(dtype)
         self.device = torch.device(device)
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization: expected one of {QUANTIZATIONS}, got {quantization!r}")
         if is_gguf_path(self.model_dir):
             gguf = GgufModel(self.model_dir)  # validates first: a bad file is one GgufError line
-            self.model = gguf.hf_model(torch_dtype).to(self.device)
-            config = self.model.config
+            hf_model = gguf.hf_model(torch_dtype).to(self.device)
+            config = hf_model.config
             eos_token_ids = gguf.config.eos_token_ids
         else:
             if not (self.model_dir / "config.json").exists():
@@ -111,12 +136,11 @@ class ModelRunner:
                     f"model: architecture {config.model_type!r} is not supported; "
                     f"expected one of {SUPPORTED_MODEL_TYPES}"
                 )
-            self.model = AutoModelForCausalLM.from_pretrained(
+            hf_model = AutoModelForCausalLM.from_pretrained(
                 self.model_dir, dtype=torch_dtype, local_files_only=True
             ).to(self.device).eval()
             eos_token_ids = _eos_ids(config, self.model_dir)
-        self._apply_rotary = sys.modules[type(self.model.model.layers[0].self_attn).__module__].apply_rotary_pos_emb
-        attn = self.model.model.layers[0].self_attn
+        attn = hf_model.model.layers[0].self_attn
         num_kv_heads = config.num_key_value_heads
         limit = int(config.max_position_embeddings)
         if max_model_len is not None and max_model_len > limit:
@@ -132,6 +156,13 @@ class ModelRunner:
             num_kv_heads=int(num_kv_heads),
             head_dim=int(attn.head_dim),
         )
+        act_absmax = None
+        if quantization == "int8":  # SmoothQuant's activation ranges, from the float model
+            act_absmax = activation_absmax(hf_model, calibration_ids(self.model_dir))
+        # Our fused forward takes the weights; HF's modules are not kept (int8 would double them).
+        self.model = LlamaModel(hf_model, max_model_len=self.spec.max_model_len, quantization=quantization,
+                                act_absmax=act_absmax)
+        del hf_model
         self.kv_pool = KVPool(kv_pool_shape(self.spec, block_size, num_blocks, kv_cache_bytes, torch_dtype),
                               self.device)
         self.backend = select_backend(str(self.device), attention_backend)
@@ -174,25 +205,4 @@ class ModelRunner:
         meta: AttentionMetadata,
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
-        inner = self.model.model
-        hidden = inner.embed_tokens(input_ids)[None]  # HF modules expect a batch dim of 1
-        cos, sin = inner.rotary_emb(hidden, positions[None])
-        cos, sin = cos[0], sin[0]
-        num_tokens = input_ids.shape[0]
-        for layer, kv_cache in zip(inner.layers, self.kv_pool.layers):
-            residual = hidden
-            x = layer.input_layernorm(hidden)
-            attn = layer.self_attn
-            q = attn.q_proj(x).view(num_tokens, -1, attn.head_dim)
-            k = attn.k_proj(x).view(num_tokens, -1, attn.head_dim)
-            v = attn.v_proj(x).view(num_tokens, -1, attn.head_dim)
-            if hasattr(attn, "q_norm"):
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = self._apply_rotary(q, k, cos, sin, unsqueeze_dim=1)
-            self.backend.write_kv(k, v, kv_cache, meta.slot_mapping)
-            out = self.backend.attention(q, kv_cache, meta, attn.scaling)
-            hidden = residual + attn.o_proj(out.reshape(1, num_tokens, -1))
-            residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
-        hidden = inner.norm(hidden)
-        return self.model.lm_head(hidden[0, logits_indices]).float()
+        return self.model.forward(input_ids, positions, meta, logits_indices, self.kv_pool.layers, self.backend)

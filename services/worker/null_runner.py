@@ -24,7 +24,7 @@ import torch
 
 from services.worker.kernels import AttentionMetadata
 from services.worker.kv_pool import NULL_BLOCK_ID, KVPoolShape
-from services.worker.model_runner import ModelSpec, _eos_ids, kv_pool_shape, parse_dtype
+from services.worker.model_runner import ModelSpec, _eos_ids, kv_pool_shape, parse_dtype, resolve_dtype
 from shared.gguf_model import is_gguf_path
 
 NULL_LOGIT = 1.0e4  # the chosen token's logit; every other logit is 0
@@ -79,6 +79,7 @@ class NullModelRunner:
             raise FileNotFoundError(f"model: {self.model_dir} has no config.json (run `make model`?)")
         raw = json.loads(config_path.read_text())
         text = raw.get("text_config", raw)  # multimodal configs nest the language model's
+        dtype = resolve_dtype(dtype, device)
         torch_dtype = parse_dtype(dtype)
         num_heads = int(text["num_attention_heads"])
         head_dim = text.get("head_dim") or int(text["hidden_size"]) // num_heads
