@@ -87,7 +87,12 @@ clean:
 # same variable). torch goes first and pinned: that selects the CPU build and keeps CUDA wheels out.
 GUIDELLM_VENV ?= bench/.venv-guidellm
 .PHONY: bench-tools
-bench-tools: $(GUIDELLM_VENV)/.installed
+# Also llama.cpp's llama-server, built from the sources in PyPI's llama-cpp-python sdist (10-20 minutes on
+# 2 cores, cached in ~/.cache/switchyard/llama-cpp or SWITCHYARD_LLAMA_CPP_DIR), and BF16/F32 GGUFs of the
+# default model written by llama.cpp's convert_hf_to_gguf.py, which needs sentencepiece (pinned, bench only).
+bench-tools: $(GUIDELLM_VENV)/.installed setup
+	$(PY) -m pip install --quiet "sentencepiece==0.2.1"
+	$(PY) -m bench.llama_tools
 
 $(GUIDELLM_VENV)/.installed:
 	$(PYTHON) -m venv $(GUIDELLM_VENV)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.records import RequestRecord, summarize
+from shared.cpu_features import cpu_features
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _OPS = {">=": lambda m, t: m >= t, "<=": lambda m, t: m <= t, "<": lambda m, t: m < t, ">": lambda m, t: m > t}
@@ -88,22 +89,12 @@ def _git(*args: str) -> str:
         return ""
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine_facts() -> dict[str, Any]:
     import torch  # noqa: PLC0415 - only for its version and thread count
 
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_features().model_name,
         "num_cores": os.cpu_count(),
         "num_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_version": torch.__version__,
@@ -112,6 +103,7 @@ def machine_facts() -> dict[str, Any]:
         "platform": platform.platform(),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain")),
+        "cpu_features": cpu_features().summary(),
     }
 
 
@@ -143,6 +135,8 @@ def _targets_table(scenarios: list[dict[str, Any]]) -> list[str]:
 
 
 def render_markdown(results: dict[str, Any]) -> str:
+    from bench.roofline import describe  # noqa: PLC0415 - torch, only when there is a probe to describe
+
     m = results["machine"]
     lines = [
         "# Switchyard benchmark results", "",
@@ -152,6 +146,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         + (" · **quick mode (not comparable)**" if results.get("quick") else ""), "",
         "Throughput counts output tokens over the run's wall time; latencies follow vLLM's definitions "
         "(bench/records.py). Targets are findings, not tests.", "",
+        *([f"Roofline (measured at the start of this run): {describe(results['roofline'])}.", ""]
+          if results.get("roofline") else []),
         "## Targets", "", *_targets_table(results["scenarios"]), "",
     ]
     for sc in results["scenarios"]:
@@ -167,14 +163,16 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += [f"- skipped `{k}`: {why}" for k, why in sc["skipped"].items()]
         lines += [f"- ratio {k}: {_fmt(v, digits=3)}" for k, v in sc["ratios"].items()]
         for key, run in sc["runs"].items():
-            for name in ("prefix_hit_rate", "max_prefix_hit_rate", "hit_rate_vs_max", "errors"):
+            for name in ("prefix_hit_rate", "max_prefix_hit_rate", "hit_rate_vs_max", "fraction_of_floor",
+                         "slo_attainment", "goodput_tokens_per_s", "errors"):
                 if run.get(name) not in (None, []):
                     lines.append(f"- {key} {name}: {run[name] if name == 'errors' else _fmt(run[name], digits=3)}")
         lines.append(f"\n_{sc['duration_s']:.0f} s_\n")
     return "\n".join(lines)
 
 
-def write_results(out_dir: Path, scenarios: list[ScenarioResult], *, quick: bool, merge: bool = False) -> dict[str, Any]:
+def write_results(out_dir: Path, scenarios: list[ScenarioResult], *, quick: bool, merge: bool = False,
+                  roofline: dict[str, Any] | None = None) -> dict[str, Any]:
     """Writes latest.json and latest.md into `out_dir`; returns what went into the JSON.
 
     Every scenario carries `measured` (its date and commit). With `merge`, the scenarios of the
@@ -194,7 +192,7 @@ def write_results(out_dir: Path, scenarios: list[ScenarioResult], *, quick: bool
         old_stamp = {k: old["machine"].get(k) for k in stamp}
         merged = [fresh.pop(sc["name"], None) or {**sc, "measured": sc.get("measured", old_stamp)}
                   for sc in old["scenarios"]]
-    results = {"machine": machine, "quick": quick, "scenarios": merged + list(fresh.values())}
+    results = {"machine": machine, "roofline": roofline, "quick": quick, "scenarios": merged + list(fresh.values())}
     (out_dir / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
     (out_dir / "latest.md").write_text(render_markdown(results))
     return results

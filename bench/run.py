@@ -7,7 +7,8 @@ lost to the last scenario. Exit status: 0 when every scenario ran (targets may s
 are findings, not tests), 1 when a scenario crashed, 2 for bad arguments.
 
 Scenarios are named in full or by letter: a small_vs_hf, b tiny_stack_vs_engine, c null_ttft,
-d shared_prefix, e concurrency_sweep, f http_api.
+d shared_prefix, e concurrency_sweep, f http_api, g vs_llama_cpp, h mixed_goodput. Every run starts
+with the roofline probe (bench/roofline.py): GEMM throughput per precision, copy bandwidth, CPU features.
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from bench.plots import write_plots  # noqa: E402 - after the offline switches above
 from bench.report import REPO_ROOT, ScenarioResult, write_results  # noqa: E402
-from bench.scenarios import SCENARIOS, Options  # noqa: E402
+from bench import real_model, roofline  # noqa: E402
+from bench.scenarios import SCENARIOS as STACK_SCENARIOS  # noqa: E402
+from bench.scenarios import Options  # noqa: E402
 
-LETTERS = dict(zip("abcdef", SCENARIOS))
+SCENARIOS = {**STACK_SCENARIOS, **real_model.SCENARIOS}
+LETTERS = dict(zip("abcdefgh", SCENARIOS))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for item in filter(None, (s.strip() for s in args.scenarios.split(","))):
         name = LETTERS.get(item, item)
         if name not in SCENARIOS:
-            p.error(f"--scenarios: unknown scenario {item!r}; known: {', '.join(SCENARIOS)} (or a-f)")
+            p.error(f"--scenarios: unknown scenario {item!r}; known: {', '.join(SCENARIOS)} (or a-h)")
         names.append(name)
     args.names = list(dict.fromkeys(names))
     return args
@@ -81,10 +85,13 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     args = parse_args(argv)
-    options = Options(quick=args.quick)
+    print("== roofline probe", flush=True)
+    probe = roofline.probe(min_s=0.2 if args.quick else 1.0)
+    print(f"  {roofline.describe(probe)}", flush=True)
+    options = Options(quick=args.quick, roofline=probe)
     results = [run_scenario(name, options) for name in args.names]
     out = args.out.resolve()
-    data = write_results(out, results, quick=args.quick, merge=args.merge)
+    data = write_results(out, results, quick=args.quick, merge=args.merge, roofline=probe)
     for path in write_plots(data, out):
         print(f"wrote {path}")
     print(f"wrote {out / 'latest.json'} and {out / 'latest.md'}")

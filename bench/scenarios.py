@@ -46,6 +46,7 @@ _HIT_COUNTERS = ("switchyard_prefix_cache_hits_total", "switchyard_prefix_cache_
 class Options:
     quick: bool = False  # few short requests on the tiny model: checks the harness, measures nothing
     models_dir: Path = REPO_ROOT / "models"
+    roofline: dict[str, Any] | None = None  # bench/roofline.py's probe of this machine, taken at the start
 
     def model(self, preset: str) -> Path:
         """The preset's model directory, made the way `make model` does when missing."""

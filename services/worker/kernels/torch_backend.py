@@ -15,6 +15,16 @@ import torch.nn.functional as F
 from services.worker.kernels.interface import AttentionMetadata
 
 
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """The blocks `block_ids` (any shape) of one layer's K or V cache, copied in that order.
+
+    `index_select` copies each block as one contiguous slab; advanced indexing (`cache[ids]`)
+    goes element by element and took 2.4x as long (1.7 vs 0.7 ms for 32 x 19 blocks of SmolLM2,
+    2 threads), which was the largest single cost of a batch-32 decode step.
+    """
+    return torch.index_select(cache, 0, block_ids.reshape(-1))
+
+
 class TorchAttentionBackend:
     name = "torch"
 
@@ -62,8 +72,8 @@ class TorchAttentionBackend:
         # [reqs, kv_heads, ctx, head_dim]; the query heads of one KV group become SDPA's query
         # length axis, so grouped-query attention needs no repeat of K/V. SDPA's fused CPU kernel
         # is ~2x faster here than einsum + softmax (measured at batch 64, context 128).
-        keys = kv_cache[0][tables].reshape(len(reqs), ctx_len, num_kv_heads, head_dim).transpose(1, 2)
-        values = kv_cache[1][tables].reshape(len(reqs), ctx_len, num_kv_heads, head_dim).transpose(1, 2)
+        keys = _gather(kv_cache[0], tables).view(len(reqs), ctx_len, num_kv_heads, head_dim).transpose(1, 2)
+        values = _gather(kv_cache[1], tables).view(len(reqs), ctx_len, num_kv_heads, head_dim).transpose(1, 2)
         q = query[tok_idx].reshape(len(reqs), num_kv_heads, group, head_dim)
         lens = torch.tensor(seq_lens, device=device)
         valid = (torch.arange(ctx_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
@@ -84,8 +94,8 @@ class TorchAttentionBackend:
         q_len, seq_len = meta.query_lens[req], meta.seq_lens_host[req]
         num_blocks = -(-seq_len // block_size)
         table = meta.block_tables[req, :num_blocks]
-        keys = kv_cache[0][table].reshape(num_blocks * block_size, num_kv_heads, head_dim)[:seq_len]
-        values = kv_cache[1][table].reshape(num_blocks * block_size, num_kv_heads, head_dim)[:seq_len]
+        keys = _gather(kv_cache[0], table).view(num_blocks * block_size, num_kv_heads, head_dim)[:seq_len]
+        values = _gather(kv_cache[1], table).view(num_blocks * block_size, num_kv_heads, head_dim)[:seq_len]
         group = query.shape[1] // num_kv_heads
         q = query[start : start + q_len].transpose(0, 1)  # [heads, q_len, head_dim]
         k = keys.transpose(0, 1).repeat_interleave(group, dim=0).to(q.dtype)
