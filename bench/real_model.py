@@ -28,7 +28,10 @@ from bench.workload import Workload, random_workload
 from shared.cpu_features import available_cpus, cpu_features
 
 W1_SEED, W2_SEED, W3_SEED = 11, 12, 13
-W3_SLO = {"ttft_s": 2.0, "tpot_s": 0.1}  # per request: first token within 2 s, then 10 tokens/s or better
+# Per request: first token within 3 s, then at least ~7 tokens/s. The rate is what one 2-core
+# machine can carry (~26 output tokens/s asked of runners that peak near 50 at 32 streams).
+W3_SLO = {"ttft_s": 3.0, "tpot_s": 0.15}
+W3_RATE_PER_S = 0.1
 
 
 def _real_model(o: Options) -> Path:
@@ -145,9 +148,9 @@ def _targets(r: ScenarioResult) -> None:
 
 def mixed_goodput(o: Options, r: ScenarioResult) -> None:
     model = _real_model(o)
-    w3 = random_workload("w3", num_requests=o.pick(24, 6), prompt_len=o.pick((16, 1024), (16, 64)),
+    w3 = random_workload("w3", num_requests=o.pick(16, 6), prompt_len=o.pick((16, 1024), (16, 64)),
                          output_len=o.pick((16, 512), (4, 16)), vocab_size=vocab_size(model),
-                         request_rate=o.pick(0.25, 2.0), seed=W3_SEED)
+                         request_rate=o.pick(W3_RATE_PER_S, 2.0), seed=W3_SEED)
     r.config.update(model=model.name, w3=w3.params, slo=W3_SLO)
     for key, precision, start in _runners(o, r, model, ctx_per_slot=1600, num_parallel=len(w3.requests)):
         print(f"  running {key} ...", flush=True)
@@ -172,5 +175,5 @@ SCENARIOS: dict[str, tuple[Callable[[Options, ScenarioResult], None], str]] = {
                      "(1 stream, 128 tokens) on Switchyard and llama.cpp's llama-server, OpenAI HTTP, with the "
                      "fraction of each precision's compute floor."),
     "mixed_goodput": (mixed_goodput, "SmolLM2-135M-Instruct: W3, mixed lengths (prompts 16-1,024, outputs 16-512) at a "
-                      "Poisson rate; goodput under a TTFT <= 2 s and TPOT <= 100 ms SLO, Switchyard vs llama-server."),
+                      "Poisson rate; goodput under a TTFT <= 3 s and TPOT <= 150 ms SLO, Switchyard vs llama-server."),
 }

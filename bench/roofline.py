@@ -84,12 +84,21 @@ PRECISIONS = {
 }
 
 
+def _peak(peaks: dict[str, float], precision: str) -> float | None:
+    """The best GEMM rate that computes `precision` exactly: bf16 weights widen to float32 without
+    loss, so on a CPU without native bf16 (where torch emulates it slowly) the float32 rate bounds
+    a bf16 runner; llama.cpp does exactly that. int8 and float32 stand for themselves."""
+    if precision == "bfloat16":
+        return max((peaks[k] for k in ("bfloat16", "float32") if peaks.get(k)), default=None)
+    return peaks.get(precision)
+
+
 def floor_s(roofline: dict[str, Any], model_dir: Path, num_tokens: int, precision: str) -> float | None:
     """Seconds the projections of `num_tokens` tokens (prompt + output) take at peak GEMM speed."""
     peaks = roofline.get("gemm_gflops", {})
     total = 0.0
     for family, params in projection_params(model_dir).items():
-        peak = peaks.get(PRECISIONS[precision][family])
+        peak = _peak(peaks, PRECISIONS[precision][family])
         if not peak:
             return None
         total += 2.0 * params * num_tokens / (peak * 1e9)

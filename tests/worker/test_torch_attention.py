@@ -71,3 +71,38 @@ def test_write_kv_touches_only_named_slots() -> None:
     written[slots] = True
     assert torch.all(flat[0][written] == 1) and torch.all(flat[1][written] == 2)
     assert torch.all(flat[:, ~written] == 0)
+
+
+@pytest.mark.parametrize("shapes", [
+    [(1, 9), (1, 20), (1, 3)],  # a pure decode step: the output is SDPA's own result
+    [(1, 9), (1, 20), (6, 6), (4, 10)],  # decode rows first, then a fresh prompt and a chunk after context
+])
+def test_one_step_plan_serves_every_layer_and_fresh_prompts_read_their_own_kv(shapes) -> None:
+    """The per-step plan is reused across layers (two caches here); a fresh prompt's K/V come
+    from write_kv, and without a write_kv just before they are read back from the blocks."""
+    torch.manual_seed(1)
+    block_size, num_heads, num_kv_heads, head_dim = 4, 6, 2, 8
+    backend = TorchAttentionBackend()
+    tables, start = [], 1
+    for _, seq_len in shapes:
+        tables.append(list(range(start, start + -(-seq_len // block_size))))
+        start += len(tables[-1])
+    meta = build_metadata([q for q, _ in shapes], [s for _, s in shapes], tables, block_size, "cpu")
+    for layer in range(2):
+        kv_cache = torch.randn(2, start, block_size, num_kv_heads, head_dim)
+        keys = [torch.randn(s, num_kv_heads, head_dim) for _, s in shapes]
+        values = [torch.randn(s, num_kv_heads, head_dim) for _, s in shapes]
+        for (q_len, seq_len), table, k, v in zip(shapes, tables, keys, values):
+            for pos in range(seq_len - q_len if layer == 0 else seq_len):  # layer 1: everything pre-stored
+                kv_cache[0, table[pos // block_size], pos % block_size] = k[pos]
+                kv_cache[1, table[pos // block_size], pos % block_size] = v[pos]
+        if layer == 0:
+            backend.write_kv(torch.cat([k[s - q:] for (q, s), k in zip(shapes, keys)]),
+                             torch.cat([v[s - q:] for (q, s), v in zip(shapes, values)]), kv_cache, meta.slot_mapping)
+        query = torch.randn(sum(q for q, _ in shapes), num_heads, head_dim)
+        out = backend.attention(query, kv_cache, meta, scale=0.3)
+        row = 0
+        for (q_len, _), k, v in zip(shapes, keys, values):
+            torch.testing.assert_close(out[row : row + q_len], dense_attention(query[row : row + q_len], k, v, 0.3),
+                                       atol=1e-5, rtol=1e-5)
+            row += q_len
