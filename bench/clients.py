@@ -128,12 +128,16 @@ def spread_tokens(chunks: list[tuple[float, int]], num_tokens: int) -> list[floa
     return [t for (t, _), k in zip(chunks, counts) for _ in range(k)]
 
 
-async def run_http(base_url: str, workload: Workload, *, label: str = "http",
-                   model: str | None = None) -> tuple[list[RequestRecord], float]:
+async def run_http(base_url: str, workload: Workload, *, label: str = "http", model: str | None = None,
+                   keepalive: bool = True) -> tuple[list[RequestRecord], float]:
     """Replays `workload` through the OpenAI-compatible `/v1/completions` (SSE streaming, prompts as
-    token ids); returns the records and the wall time. Token times are spread as the module says."""
+    token ids); returns the records and the wall time. Token times are spread as the module says.
+
+    `keepalive=False` opens a connection per request: for servers that close idle keep-alive
+    connections on their own schedule (llama-server's HTTP library does), where a reused
+    connection can be closed under a request ("Server disconnected without sending a response")."""
     connections = workload.concurrency or len(workload.requests) or 1
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections if keepalive else 0)
     async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(600.0), limits=limits) as client:
 
         async def send_one(request: WorkloadRequest, record: RequestRecord) -> None:

@@ -16,18 +16,20 @@ import torch
 CALIBRATION_TEXT = Path(__file__).with_name("data") / "calibration.txt"
 
 
-def calibration_ids(model_dir: str | Path) -> list[int]:
-    """The calibration text in the model's own tokens (its tokenizer files, or its GGUF vocabulary)."""
+def tokenizer_for(model_dir: str | Path):  # noqa: ANN201 (a transformers tokenizer)
+    """The model's own tokenizer: its tokenizer files, or the vocabulary inside its GGUF."""
     from shared.gguf_model import GgufModel, is_gguf_path  # noqa: PLC0415
 
-    text = CALIBRATION_TEXT.read_text(encoding="utf-8")
     if is_gguf_path(model_dir):
-        tokenizer = GgufModel(model_dir).tokenizer()
-    else:
-        from transformers import AutoTokenizer  # noqa: PLC0415 (slow import)
+        return GgufModel(model_dir).tokenizer()
+    from transformers import AutoTokenizer  # noqa: PLC0415 (slow import)
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    return list(tokenizer(text)["input_ids"])
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+def calibration_ids(model_dir: str | Path) -> list[int]:
+    """The calibration text in the model's own tokens."""
+    return list(tokenizer_for(model_dir)(CALIBRATION_TEXT.read_text(encoding="utf-8"))["input_ids"])
 
 
 def activation_absmax(hf_model: torch.nn.Module, input_ids: list[int]) -> dict[str, torch.Tensor]:

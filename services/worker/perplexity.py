@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from services.worker.calibration import tokenizer_for
 from services.worker.kernels.interface import build_metadata
 from services.worker.model_runner import ModelRunner
 
@@ -45,16 +46,6 @@ def perplexity(runner: ModelRunner, input_ids: list[int], chunk_tokens: int = 25
     return math.exp(nll / count)
 
 
-def _tokenize(model_dir: str, text: str) -> list[int]:
-    from shared.gguf_model import GgufModel, is_gguf_path  # noqa: PLC0415
-
-    if is_gguf_path(model_dir):
-        return list(GgufModel(model_dir).tokenizer()(text)["input_ids"])
-    from transformers import AutoTokenizer  # noqa: PLC0415 (slow import)
-
-    return list(AutoTokenizer.from_pretrained(model_dir, local_files_only=True)(text)["input_ids"])
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m services.worker.perplexity", description=__doc__.splitlines()[0])
     p.add_argument("--text", required=True, help="a UTF-8 text file to score")
@@ -65,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         text = Path(a.text).read_text(encoding="utf-8")
-        ids = _tokenize(a.model, text)
+        ids = list(tokenizer_for(a.model)(text)["input_ids"])
         runner = ModelRunner(a.model, dtype=a.dtype, device=a.device, quantization=a.quantization,
                              max_model_len=None, num_blocks=-(-len(ids) // 16) + 1)
         value = perplexity(runner, ids)

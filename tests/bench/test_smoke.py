@@ -74,3 +74,24 @@ def test_shared_prefix_reports_prefix_hits(results: tuple[Path, dict]) -> None:
         assert 0 < run["prefix_hit_rate"] <= 1
         assert 0 < run["max_prefix_hit_rate"] < 1
         assert [w["up"] for w in run["workers"]] == [True, True]
+
+
+def test_the_llama_cpp_scenario_runs_both_precisions_against_the_roofline(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`vs_llama_cpp` in quick mode: our float32 and int8 stacks through HTTP, each W1 run stated
+    against the roofline probed at the start; llama-server is skipped with its reason (no GGUF of
+    the tiny model)."""
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--scenarios", "g", "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"bench.run exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    data = json.loads((tmp_path / "latest.json").read_text())
+    assert data["roofline"]["gemm_gflops"]["float32"] > 0 and data["roofline"]["copy_gbps"] > 0
+    assert set(data["machine"]["cpu_features"]) >= {"bf16", "vnni", "amx"}
+    (scenario,) = data["scenarios"]
+    assert scenario["error"] == ""
+    for precision in ("fp32", "int8"):
+        w1, w2 = scenario["runs"][f"w1 switchyard_{precision}"], scenario["runs"][f"w2 switchyard_{precision}"]
+        assert w1["num_completed"] == scenario["config"]["w1"]["num_requests"], w1["errors"]
+        assert w2["num_completed"] == scenario["config"]["w2"]["num_requests"], w2["errors"]
+        assert 0 < w1["fraction_of_floor"] < 10
+    assert set(scenario["skipped"]) == {"llama_q4_1", "llama_bf16"}
+    assert "Roofline" in (tmp_path / "latest.md").read_text()
