@@ -125,10 +125,18 @@ def error_from_rpc(e: grpc.aio.AioRpcError) -> SwitchyardError:
     Codes with no typed error (CANCELLED, UNIMPLEMENTED, INTERNAL, ...) come back as a plain
     `SwitchyardError` whose message keeps the code name.
     """
-    code = e.code()
-    details = e.details() or ""
     metadata = {key: value for key, value in (e.trailing_metadata() or ()) if isinstance(value, str)}
-    field = metadata.get(FIELD_KEY)
+    try:
+        retry_after_s = max(0.0, float(metadata[RETRY_AFTER_MS_KEY]) / 1000)
+    except (KeyError, ValueError):
+        retry_after_s = None
+    return error_from_status(e.code(), e.details() or "", metadata.get(FIELD_KEY), retry_after_s)
+
+
+def error_from_status(code: grpc.StatusCode, details: str, field: str | None = None,
+                      retry_after_s: float | None = None) -> SwitchyardError:
+    """The typed error of a status carried in a message rather than as a call's status (one
+    request's end on a stream that carries many)."""
     cls = _ERROR_BY_STATUS.get(code)
     if cls is InvalidArgument:
         if not field:
@@ -137,14 +145,19 @@ def error_from_rpc(e: grpc.aio.AioRpcError) -> SwitchyardError:
             field = head if sep and " " not in head else "request"
         return InvalidArgument(details, field=field)
     if cls is ResourceExhausted:
-        try:
-            retry_after_s = max(0.0, float(metadata[RETRY_AFTER_MS_KEY]) / 1000)
-        except (KeyError, ValueError):
-            retry_after_s = DEFAULT_RETRY_AFTER_S
-        return ResourceExhausted(details, retry_after_s=retry_after_s, field=field)
+        return ResourceExhausted(details, retry_after_s=DEFAULT_RETRY_AFTER_S if retry_after_s is None else retry_after_s,
+                                 field=field)
     if cls is not None:
         return cls(details, field)
     return SwitchyardError(f"{code.name}: {details}" if details else code.name, field)
+
+
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_from_number(number: int) -> grpc.StatusCode:
+    """The StatusCode of a google.rpc.Code number (UNKNOWN for a number gRPC does not define)."""
+    return _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

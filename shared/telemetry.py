@@ -119,8 +119,11 @@ def _instrument_grpc() -> None:
 
     # Health probes arrive every few seconds and would drown real traces; health Watch and
     # reflection also use the reader/writer streaming API that the instrumentation cannot wrap.
+    # The scheduler's Connect stream lives as long as the front door and carries many requests,
+    # each with its own trace context in its submission: one span for it would belong to no trace.
     not_plumbing = filters.negate(
-        filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection."))
+        filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection."),
+                       filters.method_name("Connect"))
     )
     for instrumentor in (
         GrpcAioInstrumentorServer(filter_=not_plumbing),

@@ -68,6 +68,9 @@ class LiveRequest:
     request: Request
     worker: WorkerLoop
     decision: RoutingDecision
+    # Where the request's events go, synchronously, as the worker loop delivers them: a Connect
+    # stream's outbox, or `events` for a Generate stream.
+    sink: Callable[[RequestEvent], None] | None = None
     events: asyncio.Queue[RequestEvent] = field(default_factory=asyncio.Queue)
     queued_at_s: float = 0.0
     first_token_at_s: float | None = None
@@ -256,7 +259,8 @@ class Fleet:
     def num_waiting(self) -> int:
         return sum(loop.batcher.num_waiting for loop in self.loops.values() if loop.batcher is not None)
 
-    def submit(self, sub: Submission, trace_context: str = "") -> LiveRequest:
+    def submit(self, sub: Submission, trace_context: str = "",
+               sink: Callable[[RequestEvent], None] | None = None) -> LiveRequest:
         if sub.request_id in self.live:
             raise InvalidArgument(f"request {sub.request_id!r} is already running", field="request_id")
         if self.num_waiting() >= self.config.max_waiting_requests:
@@ -268,7 +272,9 @@ class Fleet:
         request.trace_context = trace_context
         decision = self.router.choose_worker(pool, request.num_prompt_tokens, self._loads(pool, request), sticky=sticky)
         metrics.observe_routed(decision)
-        live = LiveRequest(request, self.loops[decision.worker], decision, queued_at_s=now)
+        live = LiveRequest(request, self.loops[decision.worker], decision, sink, queued_at_s=now)
+        if sink is None:
+            live.sink = live.events.put_nowait
         if not self.live:
             self._last_progress_s = now  # an idle fleet owes no tokens; the clock starts now
         self.live[request.request_id] = live
@@ -282,7 +288,7 @@ class Fleet:
             return False
         live.worker.abort(request_id)
         # An explicit Abort RPC leaves the Generate stream open; this ends it with a status.
-        live.events.put_nowait(RequestEvent(request_id, (), (), FinishReason.ABORT))
+        live.sink(RequestEvent(request_id, (), (), FinishReason.ABORT))
         return True
 
     def finish(self, request_id: str) -> None:
@@ -319,7 +325,7 @@ class Fleet:
                 live.first_token_at_s = now
                 self._pending_of(live.worker).remove(event.request_id)  # its blocks are indexed now
             metrics.observe_delivery(live, event, now)
-            live.events.put_nowait(event)
+            live.sink(event)
 
     def _on_worker_down(self, dead: WorkerLoop, requests: Sequence[Request]) -> None:
         for request in requests:
@@ -329,7 +335,7 @@ class Fleet:
             others = [l for l in self._pool_loops(dead.pool) if l.up and l is not dead]
             if not others:
                 self._forget(request.request_id)
-                live.events.put_nowait(RequestEvent(request.request_id, (), (), FinishReason.ABORT,
+                live.sink(RequestEvent(request.request_id, (), (), FinishReason.ABORT,
                                                     error=f"unavailable: no worker of pool {dead.pool!r} is up"))
                 continue
             self._pending_of(dead).remove(request.request_id)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from dataclasses import replace
 from collections.abc import AsyncIterator
 
 import grpc
 from switchyard.scheduler.v1 import scheduler_pb2 as pb
 from switchyard.scheduler.v1 import scheduler_pb2_grpc
 
-from services.scheduler import metrics, wire
+from services.scheduler import wire
 from services.scheduler.fleet import Fleet
-from services.scheduler.tracing import end_request_span, start_request_span
-from shared.errors import DeadlineExceeded, SwitchyardError, Unavailable
+from services.scheduler.session import FrontDoorSession, conclude, error_for
+from services.scheduler.tracing import start_request_span
+from shared.errors import SwitchyardError, Unavailable
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -44,7 +47,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 finished = event.finish_reason is not None
                 if event.error:
                     error = event.error
-                    raise _error_for(event.error)
+                    raise error_for(event.error)
                 if finished:
                     finish_reason, error = event.finish_reason.name.lower(), ""
                 yield wire.event_to_pb(event, live.request)
@@ -53,14 +56,38 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             raise
         finally:
             # Reached on normal end, on error, and when the client goes away (cancellation).
-            if live is not None:
-                if error:
-                    self._fleet.abort(live.request.request_id)
-                else:
-                    self._fleet.finish(live.request.request_id)
-            end_request_span(span, live, finish_reason, error)
-            metrics.observe_request_finished(live, finish_reason, error)
-            self._fleet.observe_finished(live, error)
+            conclude(self._fleet, live, span, finish_reason, error)
+
+    async def Connect(self, requests: AsyncIterator[pb.ConnectRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ConnectResponse]:
+        session = FrontDoorSession(self._fleet)
+        reader = asyncio.create_task(self._read(requests, session), name="connect reader")
+        try:
+            while (batch := await session.next_batch()) is not None:
+                yield wire.deliveries_to_pb(batch)
+            if reader.done() and not reader.cancelled() and reader.exception() is not None:
+                raise reader.exception()  # a malformed message ends the stream with its status
+        finally:
+            reader.cancel()
+            session.close()  # the stream ended, however: whatever still runs is aborted
+
+    async def _read(self, requests: AsyncIterator[pb.ConnectRequest], session: FrontDoorSession) -> None:
+        try:
+            async for msg in requests:
+                for sub, traceparent in wire.submissions_from_pb(msg):
+                    if not sub.request_id:
+                        sub = replace(sub, request_id=uuid.uuid4().hex)
+                    if self._draining:
+                        session.refuse(sub, Unavailable("scheduler is draining"))
+                    else:
+                        session.submit(sub, traceparent)
+                for request_id in msg.abort_request_ids:
+                    session.abort(request_id)
+        except SwitchyardError:
+            session.close()  # a malformed message: the stream cannot be trusted any more
+            raise
+        finally:
+            session.end_input()
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         return pb.AbortResponse(found=self._fleet.abort(request.request_id))
@@ -104,10 +131,3 @@ class AdminServicer(scheduler_pb2_grpc.SchedulerAdminServicer):
     async def SetPoolWeight(self, request: pb.SetPoolWeightRequest, context: grpc.aio.ServicerContext) -> pb.PoolStatus:
         return wire.pool_view_to_pb(self._fleet.set_pool_weight(request.pool, request.weight))
 
-
-def _error_for(message: str) -> SwitchyardError:
-    if message.startswith("deadline"):
-        return DeadlineExceeded(message)
-    if message.startswith("unavailable"):
-        return Unavailable(message)
-    return SwitchyardError(f"request failed: {message}")

@@ -1,6 +1,7 @@
 """The `scheduler.request` span: one per request, carrying the routing decision and timings.
 
-It is a child of the incoming gRPC call (so it sits in the front door's trace), and its
+It is a child of the front door's span (through the incoming Generate call, or the traceparent a
+Connect submission carries), so it sits in the front door's trace; its
 traceparent travels to the worker with the request, where every `worker.step` span that computes
 the request links back to it. Attribute names follow the OpenTelemetry GenAI conventions where one
 exists (`gen_ai.usage.*`, `gen_ai.request.*`); the rest are `switchyard.*`.
@@ -20,10 +21,14 @@ _tracer = trace.get_tracer("switchyard.scheduler")
 _propagator = TraceContextTextMapPropagator()
 
 
-def start_request_span(request_id: str) -> tuple[Span, str]:
+def start_request_span(request_id: str, parent_traceparent: str = "") -> tuple[Span, str]:
     """Starts the span (not made current: the handler is a generator that yields across contexts)
-    and returns it with its W3C traceparent for the workers."""
-    span = _tracer.start_span("scheduler.request", attributes={"switchyard.request_id": request_id})
+    and returns it with its W3C traceparent for the workers.
+
+    Its parent is the current context (a Generate call's server span), or `parent_traceparent`
+    when given: on a Connect stream, which carries many requests, each submission brings its own."""
+    parent = _propagator.extract({"traceparent": parent_traceparent}) if parent_traceparent else None
+    span = _tracer.start_span("scheduler.request", context=parent, attributes={"switchyard.request_id": request_id})
     carrier: dict[str, str] = {}
     _propagator.inject(carrier, context=trace.set_span_in_context(span))
     return span, carrier.get("traceparent", "")

@@ -13,10 +13,12 @@ from services.scheduler.admission import ClientSampling, Submission
 from services.scheduler.batcher import RequestEvent, RequestOutput, StepPlan
 from services.scheduler.request import FinishReason, Request, TokenLogprob, WorkerSampling
 from services.scheduler.worker_spec import WorkerSpec
+from shared.errors import InvalidArgument, ResourceExhausted
 from shared.sampling_rules import SCALAR_FIELDS
 
 if TYPE_CHECKING:  # fleet.py imports worker_loop.py, which imports this module
     from services.scheduler.fleet import PoolView
+    from services.scheduler.session import Delivery
 
 _FINISH_TO_PB = {
     None: api_pb.FINISH_REASON_UNSPECIFIED,
@@ -41,6 +43,37 @@ def submission_from_pb(msg: pb.GenerateRequest, timeout_s: float | None) -> Subm
         priority=msg.priority,
         timeout_s=timeout_s,
     )
+
+
+def submissions_from_pb(msg: pb.ConnectRequest) -> list[tuple[Submission, str]]:
+    """A Connect message's new requests, each with the traceparent it brought."""
+    subs = []
+    for r in msg.submissions:
+        if r.timeout_s < 0 or r.timeout_s != r.timeout_s:
+            raise InvalidArgument(f"must be >= 0 seconds, got {r.timeout_s}", field="timeout_s")
+        subs.append((submission_from_pb(r, r.timeout_s or None), r.traceparent))
+    return subs
+
+
+def deliveries_to_pb(batch: list[Delivery]) -> pb.ConnectResponse:
+    events = []
+    for d in batch:
+        e = d.event
+        msg = pb.TokenEvent(
+            request_id=e.request_id, token_ids=e.token_ids, finish_reason=_FINISH_TO_PB[e.finish_reason],
+            num_prompt_tokens=d.num_prompt_tokens, num_cached_tokens=d.num_cached_tokens,
+            num_output_tokens=d.num_output_tokens,
+        )
+        if e.logprobs:
+            msg.logprobs.extend(_logprob_to_api(lp) for lp in e.logprobs)
+        if d.error is not None:
+            msg.error_code = d.error.status_code.value[0]
+            msg.error_message = d.error.message
+            msg.error_field = d.error.field or ""
+            if isinstance(d.error, ResourceExhausted):
+                msg.retry_after_s = d.error.retry_after_s
+        events.append(msg)
+    return pb.ConnectResponse(events=events)
 
 
 def _logprob_to_api(lp: TokenLogprob) -> api_pb.TokenLogprob:

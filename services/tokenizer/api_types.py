@@ -62,3 +62,13 @@ class SchedulerEvent:
     finish_reason: str | None
     num_prompt_tokens: int
     num_cached_tokens: int
+
+    def merged(self, later: list[SchedulerEvent]) -> SchedulerEvent:
+        """This event followed by `later` ones as one (their tokens in order, the last counts)."""
+        last = later[-1]
+        return SchedulerEvent(
+            token_ids=self.token_ids + tuple(t for e in later for t in e.token_ids),
+            logprobs=self.logprobs + tuple(lp for e in later for lp in e.logprobs),
+            finish_reason=last.finish_reason, num_prompt_tokens=last.num_prompt_tokens,
+            num_cached_tokens=max(e.num_cached_tokens for e in (self, *later)),
+        )

@@ -1,23 +1,126 @@
-"""The front door's side of the scheduler stream.
+"""The front door's side of the scheduler: one Connect stream that carries every request.
 
-Closing the async iterator early (a stop string, a client that went away) cancels the gRPC call,
-which the scheduler turns into an abort that frees the request's KV blocks at once.
+All of this process's requests share one long-lived bidirectional stream: submissions and aborts go
+up (whatever queued while the previous write was in flight goes as one message), and each message
+down carries the token events of many requests, which the reader hands to each request's inbox.
+A request's generator (`stream`) is its one owner here: it registers an inbox, waits on it, and on
+any early exit (a stop string, a client that went away, its deadline) sends the abort at once.
+When the stream breaks (the scheduler restarted), every request on it fails UNAVAILABLE and the
+next request opens a new stream.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
 from opentelemetry import context as otel_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from switchyard.scheduler.v1 import scheduler_pb2 as sched_pb
 from switchyard.scheduler.v1 import scheduler_pb2_grpc
 
 from services.tokenizer import wire
 from services.tokenizer.api_types import GenerateInput, SchedulerEvent
 from shared.channel import open_channel
-from shared.errors import error_from_rpc
+from shared.errors import DeadlineExceeded, SwitchyardError, Unavailable, error_from_rpc
 from shared.tls import TlsConfig
+
+logger = logging.getLogger(__name__)
+_propagator = TraceContextTextMapPropagator()
+
+
+class _Inbox:
+    """One request's events as they arrive; the request's generator takes them all at once."""
+
+    __slots__ = ("events", "failure", "wake")
+
+    def __init__(self) -> None:
+        self.events: list[SchedulerEvent] = []
+        self.failure: SwitchyardError | None = None
+        self.wake = asyncio.Event()
+
+    def fail(self, error: SwitchyardError) -> None:
+        if self.failure is None:
+            self.failure = error
+        self.wake.set()
+
+
+class _Connection:
+    """One Connect call and the inboxes of the requests it carries."""
+
+    def __init__(self, stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+        self._call = stub.Connect()
+        self._inboxes: dict[str, _Inbox] = {}
+        self._up = sched_pb.ConnectRequest()  # what the writer sends next
+        self._up_ready = asyncio.Event()
+        self.broken: SwitchyardError | None = None
+        self._tasks = [asyncio.create_task(self._write(), name="scheduler connect writer"),
+                       asyncio.create_task(self._read(), name="scheduler connect reader")]
+
+    def open(self, submission: sched_pb.GenerateRequest) -> _Inbox:
+        inbox = self._inboxes[submission.request_id] = _Inbox()
+        self._up.submissions.append(submission)
+        self._up_ready.set()
+        return inbox
+
+    def abort(self, request_id: str) -> None:
+        if self._inboxes.pop(request_id, None) is not None and self.broken is None:
+            self._up.abort_request_ids.append(request_id)
+            self._up_ready.set()
+
+    def forget(self, request_id: str) -> None:
+        self._inboxes.pop(request_id, None)
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                await self._up_ready.wait()
+                self._up_ready.clear()
+                message, self._up = self._up, sched_pb.ConnectRequest()
+                await self._call.write(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the reader sees the call's status and reports it
+            logger.debug("scheduler stream write failed: %s", e)
+
+    async def _read(self) -> None:
+        try:
+            async for msg in self._call:
+                for event in msg.events:
+                    inbox = self._inboxes.get(event.request_id)
+                    if inbox is None:
+                        continue  # aborted here while its events were on the way
+                    if event.error_code:
+                        del self._inboxes[event.request_id]
+                        inbox.fail(wire.scheduler_error_from_pb(event))
+                        continue
+                    inbox.events.append(wire.scheduler_event_from_pb(event))
+                    inbox.wake.set()
+            error: SwitchyardError = Unavailable("the scheduler closed its stream")
+        except grpc.aio.AioRpcError as e:
+            error = error_from_rpc(e)
+            if not isinstance(error, Unavailable):
+                error = Unavailable(f"scheduler stream failed: {error}")
+        except asyncio.CancelledError:
+            error = Unavailable("the front door is closing its scheduler stream")
+            raise
+        except Exception as e:  # a bug here must still fail the requests, not leave them waiting
+            logger.exception("scheduler stream reader failed")
+            error = Unavailable(f"scheduler stream reader failed: {e}")
+        finally:
+            self.broken = error
+            for inbox in self._inboxes.values():
+                inbox.fail(error)
+            self._inboxes.clear()
+            self._tasks[0].cancel()
+
+    async def close(self) -> None:
+        self._call.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 class SchedulerClient:
@@ -25,34 +128,53 @@ class SchedulerClient:
         self.address = address
         self._channel = open_channel(address, tls)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+        self._connection: _Connection | None = None
+
+    def _connected(self) -> _Connection:
+        if self._connection is None or self._connection.broken is not None:
+            self._connection = _Connection(self._stub)
+        return self._connection
 
     async def stream(self, request_id: str, prompt_token_ids: list[int], inp: GenerateInput,
                      trace_context: otel_context.Context | None = None) -> AsyncIterator[SchedulerEvent]:
-        # The call captures the current trace context when it is created; attaching the caller's
-        # span only around creation keeps the context stack balanced across this generator's yields.
-        token = otel_context.attach(trace_context) if trace_context is not None else None
+        """The request's events in order, merged when several arrived since the last read (a slow
+        reader gets fewer, larger events); raises the request's typed error if it fails."""
+        carrier: dict[str, str] = {}
+        if trace_context is not None:
+            _propagator.inject(carrier, context=trace_context)
+        submission = wire.scheduler_request_to_pb(request_id, prompt_token_ids, inp, carrier.get("traceparent", ""))
+        connection = self._connected()
+        inbox = connection.open(submission)
+        timer = None
+        if inp.timeout_s is not None:
+            # The scheduler ends the request at its deadline; this covers a scheduler that cannot.
+            timer = asyncio.get_running_loop().call_later(
+                inp.timeout_s + 1.0, inbox.fail, DeadlineExceeded("deadline exceeded waiting for the scheduler"))
+        finished = False
         try:
-            call = self._stub.Generate(wire.scheduler_request_to_pb(request_id, prompt_token_ids, inp),
-                                       timeout=inp.timeout_s)
-        finally:
-            if token is not None:
-                otel_context.detach(token)
-        try:
-            async for msg in call:
-                event = wire.scheduler_event_from_pb(msg)
-                if event.finish_reason is not None:
-                    # Read the stream to its status before handing over the last event: the caller
-                    # stops reading after it, and a call left open is a cancelled call whose
-                    # client span never ends.
-                    async for _ in call:
-                        pass
+            while True:
+                if not inbox.events and inbox.failure is None:
+                    inbox.wake.clear()
+                    await inbox.wake.wait()
+                events, inbox.events = inbox.events, []
+                if not events:
+                    raise inbox.failure  # events that came before a failure were handed over first
+                event = events[0].merged(events[1:]) if len(events) > 1 else events[0]
+                finished = event.finish_reason is not None
                 yield event
-        except grpc.aio.AioRpcError as e:
-            raise error_from_rpc(e) from e
+                if finished:
+                    return
         finally:
-            call.cancel()  # no-op once the call has ended; aborts it otherwise
+            if timer is not None:
+                timer.cancel()
+            if finished:
+                connection.forget(request_id)
+            else:  # closed early or failed here: the scheduler frees the request at once
+                connection.abort(request_id)
 
     async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
         await self._channel.close()
 
     async def get_stats(self) -> sched_pb.SchedulerStats:

@@ -9,6 +9,7 @@ from switchyard.scheduler.v1 import scheduler_pb2 as sched_pb
 from services.tokenizer.api_types import (
     ChatMessage, GenerateChunk, GenerateInput, SamplingInput, SchedulerEvent, TokenLogprob,
 )
+from shared.errors import SwitchyardError, error_from_status, status_from_number
 from shared.sampling_rules import SCALAR_FIELDS
 
 _FINISH_FROM_PB = {
@@ -59,13 +60,21 @@ def chunk_to_pb(chunk: GenerateChunk) -> api_pb.GenerateResponse:
     return response
 
 
-def scheduler_request_to_pb(request_id: str, prompt_token_ids: list[int], inp: GenerateInput) -> sched_pb.GenerateRequest:
+def scheduler_request_to_pb(request_id: str, prompt_token_ids: list[int], inp: GenerateInput,
+                            traceparent: str = "") -> sched_pb.GenerateRequest:
     sampling = sampling_to_pb(inp.sampling)
     del sampling.stop[:]  # stop strings are the front door's; the scheduler never sees text
     return sched_pb.GenerateRequest(
         request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling,
         session_id=inp.session_id, cache_salt=inp.cache_salt, priority=inp.priority,
+        traceparent=traceparent, timeout_s=inp.timeout_s or 0.0,
     )
+
+
+def scheduler_error_from_pb(msg: sched_pb.TokenEvent) -> SwitchyardError:
+    """The typed error a failed request's last event on the Connect stream carries."""
+    return error_from_status(status_from_number(msg.error_code), msg.error_message, msg.error_field or None,
+                             msg.retry_after_s or None)
 
 
 def scheduler_event_from_pb(msg: sched_pb.TokenEvent) -> SchedulerEvent:

@@ -1,0 +1,139 @@
+"""The requests of one front door's Connect stream, and the events owed to it.
+
+A front-door process keeps one Connect stream open and sends every request over it, so the cost of
+a message (framing, a syscall, a task switch, on both sides) is paid once per worker step rather
+than once per request per step. The fleet delivers events into the session's outbox synchronously,
+as the worker loop hands them over; the servicer's writer takes the whole outbox as one message
+whenever the previous write is done, so a slow reader gets fewer, larger messages instead of a
+growing queue of small ones.
+
+The session owns each of its requests' ends: the last event (or an admission error) concludes the
+request in the fleet, its span and its metrics at once, and closing the session (the stream ended:
+the front door went away or shut down) aborts whatever is still running, which frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from opentelemetry.trace import Span
+
+from services.scheduler import metrics
+from services.scheduler.admission import Submission
+from services.scheduler.batcher import RequestEvent
+from services.scheduler.fleet import Fleet, LiveRequest
+from services.scheduler.request import FinishReason
+from services.scheduler.tracing import end_request_span, start_request_span
+from shared.errors import DeadlineExceeded, SwitchyardError, Unavailable
+
+CLOSED_ERROR = "cancelled: the front door's stream closed"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One event as it goes down the stream, with the request's counts at the time it was made."""
+
+    event: RequestEvent
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    error: SwitchyardError | None = None  # set on a last event that ends the request with an error
+
+
+def error_for(message: str) -> SwitchyardError:
+    """The typed error of a request the scheduler ended with an error message."""
+    if message.startswith("deadline"):
+        return DeadlineExceeded(message)
+    if message.startswith("unavailable"):
+        return Unavailable(message)
+    return SwitchyardError(f"request failed: {message}")
+
+
+def conclude(fleet: Fleet, live: LiveRequest | None, span: Span, finish_reason: str, error: str) -> None:
+    """Ends a request's life in the scheduler, however it ended: forgotten (or aborted, which frees
+    its blocks on the worker), its span ended, its metrics and rollback window fed."""
+    if live is not None:
+        if error:
+            fleet.abort(live.request.request_id)
+        else:
+            fleet.finish(live.request.request_id)
+    end_request_span(span, live, finish_reason, error)
+    metrics.observe_request_finished(live, finish_reason, error)
+    fleet.observe_finished(live, error)
+
+
+class FrontDoorSession:
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+        self._live: dict[str, tuple[LiveRequest, Span]] = {}
+        self._outbox: list[Delivery] = []
+        self._ready = asyncio.Event()
+        self.input_closed = False  # the front door sends nothing more; end once its requests have
+
+    @property
+    def num_live(self) -> int:
+        return len(self._live)
+
+    def submit(self, sub: Submission, traceparent: str) -> None:
+        """Admits a request; an admission error becomes its last (and only) event."""
+        span, worker_traceparent = start_request_span(sub.request_id, traceparent)
+        try:
+            live = self._fleet.submit(sub, worker_traceparent, sink=self._push)
+        except SwitchyardError as e:
+            conclude(self._fleet, None, span, "abort", str(e))
+            self.refuse(sub, e)
+            return
+        self._live[sub.request_id] = (live, span)
+
+    def refuse(self, sub: Submission, error: SwitchyardError) -> None:
+        """Answers a submission with an error without admitting it (the scheduler is draining)."""
+        self._send(Delivery(RequestEvent(sub.request_id, (), (), FinishReason.ABORT), 0, 0, 0, error))
+
+    def abort(self, request_id: str) -> None:
+        """The front door stopped the request (a cancel, a stop string): nothing more is sent for it."""
+        tracked = self._live.pop(request_id, None)
+        if tracked is not None:
+            conclude(self._fleet, tracked[0], tracked[1], "abort", "cancelled")
+
+    def close(self) -> None:
+        """The stream ended: every request still running is aborted."""
+        for live, span in self._live.values():
+            conclude(self._fleet, live, span, "abort", CLOSED_ERROR)
+        self._live.clear()
+        self.input_closed = True
+        self._ready.set()
+
+    def end_input(self) -> None:
+        self.input_closed = True
+        self._ready.set()
+
+    async def next_batch(self) -> list[Delivery] | None:
+        """Everything delivered since the last call (waiting until there is some); None once the
+        front door has closed its side and every request has ended."""
+        while not self._outbox:
+            if self.input_closed and not self._live:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        batch, self._outbox = self._outbox, []
+        return batch
+
+    def _send(self, delivery: Delivery) -> None:
+        self._outbox.append(delivery)
+        self._ready.set()
+
+    def _push(self, event: RequestEvent) -> None:
+        """The fleet's sink for this session's requests (synchronous, from the worker loop)."""
+        tracked = self._live.get(event.request_id)
+        if tracked is None:
+            return  # aborted by the front door: it wants nothing more
+        live, span = tracked
+        request = live.request
+        error = error_for(event.error) if event.error else None
+        self._send(Delivery(event, request.num_prompt_tokens, request.num_cached_tokens,
+                            len(request.output_token_ids), error))
+        if event.error or event.finish_reason is not None:
+            del self._live[event.request_id]
+            finish_reason = event.finish_reason.name.lower() if event.finish_reason else "abort"
+            conclude(self._fleet, live, span, finish_reason, event.error)
