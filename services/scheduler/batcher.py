@@ -359,6 +359,8 @@ class Batcher:
         return None
 
     def _publish(self, request: Request) -> None:
+        if not self.block_manager.has_unpublished_block(request.request_id, request.num_computed_tokens):
+            return  # most decode steps fill no block: skip building the token list
         self.block_manager.cache_blocks(request.request_id, request.all_token_ids,
                                         request.num_computed_tokens, request.cache_salt)
 

@@ -125,6 +125,12 @@ class BlockManager:
 
     # --- publishing -----------------------------------------------------------------------------
 
+    def has_unpublished_block(self, request_id: str, num_computed_tokens: int) -> bool:
+        """Whether `cache_blocks` would index anything now (a block filled since the last call)."""
+        table = self._tables.get(request_id)
+        return (table is not None and self.enable_prefix_caching
+                and min(num_computed_tokens // self.block_size, len(table.block_ids)) > table.num_published_blocks)
+
     def cache_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int,
                      cache_salt: str) -> None:
         """Indexes the request's full blocks within its first `num_computed_tokens` (idempotent).

@@ -162,16 +162,29 @@ def observe_delivery(live: LiveRequest, event: RequestEvent, now_s: float) -> No
     num_tokens = len(event.token_ids)
     if not num_tokens:
         return
-    labels = (live.decision.pool, live.worker.address)
-    GENERATION_TOKENS.labels(*labels).inc(num_tokens)
+    tokens, ttft, itl = _delivery_series(live.decision.pool, live.worker.address)
+    tokens.inc(num_tokens)
     if live.last_token_at_s is None:
-        TIME_TO_FIRST_TOKEN.labels(*labels).observe(now_s - live.queued_at_s)
+        ttft.observe(now_s - live.queued_at_s)
     else:
         per_token_s = (now_s - live.last_token_at_s) / num_tokens
-        histogram = INTER_TOKEN_LATENCY.labels(*labels)
         for _ in range(num_tokens):
-            histogram.observe(per_token_s)
+            itl.observe(per_token_s)
     live.last_token_at_s = now_s
+
+
+_DELIVERY_SERIES: dict[tuple[str, str], tuple] = {}
+
+
+def _delivery_series(pool: str, worker: str) -> tuple:
+    """The labelled children one delivery touches, looked up once per worker: `labels()` checks and
+    locks on every call, and this runs for every request of every step."""
+    series = _DELIVERY_SERIES.get((pool, worker))
+    if series is None:
+        series = _DELIVERY_SERIES[(pool, worker)] = (
+            GENERATION_TOKENS.labels(pool, worker), TIME_TO_FIRST_TOKEN.labels(pool, worker),
+            INTER_TOKEN_LATENCY.labels(pool, worker))
+    return series
 
 
 def observe_request_finished(live: LiveRequest | None, finish_reason: str, error: str = "") -> None:

@@ -137,7 +137,7 @@ def outputs_from_pb(msg: worker_pb.StepResponse) -> list[RequestOutput]:
             token_ids=tuple(o.token_ids),
             logprobs=tuple(
                 TokenLogprob(lp.logprob, tuple(lp.top_token_ids), tuple(lp.top_logprobs)) for lp in o.logprobs
-            ),
+            ) if o.logprobs else (),
             error=o.error,
         )
         for o in msg.outputs

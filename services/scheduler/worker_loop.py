@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_S = 0.05  # how often an idle-but-blocked loop re-checks deadlines
 
 
+class StepFailed(Exception):
+    """A step got no reply: it timed out, or the worker closed the Steps stream."""
+
+
 class WorkerLoop:
     def __init__(
         self,
@@ -65,6 +69,7 @@ class WorkerLoop:
         self._clock = clock
         self._channel = open_channel(address, tls)
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+        self._steps: grpc.aio.StreamStreamCall | None = None  # the Steps stream, opened at the first step
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -93,6 +98,7 @@ class WorkerLoop:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._close_steps()
         await self._channel.close()
 
     def retire(self) -> None:
@@ -127,9 +133,12 @@ class WorkerLoop:
                 await self._run()
             except grpc.aio.AioRpcError as e:
                 self._mark_down(f"Step failed: {e.code().name} {e.details()}")
+            except (StepFailed, asyncio.InvalidStateError) as e:
+                self._mark_down(f"Step failed: {e}")
 
     async def _connect(self) -> None:
         """Waits until the worker answers Info, then resets its state and joins the pool."""
+        self._close_steps()  # a stream to an earlier process on this address is of no use
         while not self._stopping and not self.retiring:
             try:
                 info = await self._stub.Info(worker_pb.InfoRequest(), timeout=2.0)
@@ -183,9 +192,11 @@ class WorkerLoop:
                         scheduled.request.first_scheduled_s = now
                 self.in_step = True
                 try:
-                    call = self._stub.Step(wire.plan_to_pb(plan), timeout=self._step_timeout_s)
+                    if self._steps is None:
+                        self._steps = self._stub.Steps()
+                    await self._steps.write(wire.plan_to_pb(plan))
                     held = self._hand_over(held)
-                    reply = await call
+                    reply = await self._read_reply(self._steps)
                 finally:
                     self.in_step = False
                 self.num_steps += 1
@@ -194,6 +205,33 @@ class WorkerLoop:
                     self._leave_pool(batcher)
         finally:
             self._hand_over(held)  # a failed Step or a stop still delivers what the last one produced
+
+    async def _read_reply(self, steps: grpc.aio.StreamStreamCall) -> worker_pb.StepResponse:
+        """The reply to the step just written, within the step timeout."""
+        timed_out = False
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
+            steps.cancel()
+
+        timer = asyncio.get_running_loop().call_later(self._step_timeout_s, expire)
+        try:
+            reply = await steps.read()
+        except asyncio.CancelledError:
+            if not timed_out:
+                raise
+            raise StepFailed(f"no reply within {self._step_timeout_s:g} s") from None
+        finally:
+            timer.cancel()
+        if reply is grpc.aio.EOF:
+            raise StepFailed("the worker closed the Steps stream")
+        return reply
+
+    def _close_steps(self) -> None:
+        if self._steps is not None:
+            self._steps.cancel()
+            self._steps = None
 
     def _hand_over(self, events: list[RequestEvent]) -> list[RequestEvent]:
         if events:
@@ -212,6 +250,7 @@ class WorkerLoop:
 
     def _mark_down(self, reason: str) -> None:
         logger.warning("worker %s (pool %s) down: %s", self.address, self.pool, reason)
+        self._close_steps()
         metrics.observe_worker_down(self)
         self.up = False
         requests = self.batcher.take_all() if self.batcher is not None else []

@@ -14,6 +14,7 @@ steps never overlap (the scheduler sends one at a time per worker anyway).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -66,6 +67,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         )
 
     async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
+        return await self._step(request)
+
+    async def Steps(self, requests: AsyncIterator[pb.StepRequest],
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepResponse]:
+        async for request in requests:
+            yield await self._step(request)
+
+    async def _step(self, request: pb.StepRequest) -> pb.StepResponse:
         step = wire.step_from_pb(request)
         async with self._lock:
             links = _links(self._executor.trace_contexts(step))
