@@ -29,7 +29,8 @@ async def run(config: TokenizerConfig) -> None:
     telemetry = setup_telemetry("switchyard-tokenizer")
     codec = Codec(config.model_dir)
     gate = make_gate(config)
-    scheduler = SchedulerClient(config.scheduler_address, config.tls)
+    scheduler = SchedulerClient(config.scheduler_address, config.tls,
+                                stream_interval_s=config.stream_interval_ms / 1000)
     frontend = Frontend(codec, scheduler, model_name=config.model_name or served_model_name(config.model_dir))
     servicer = GenerationServicer(frontend, version=config.version, max_request_bytes=config.max_request_bytes)
     app = create_app(frontend, max_request_bytes=config.max_request_bytes, gate=gate) if config.http_port else None

@@ -32,19 +32,46 @@ _propagator = TraceContextTextMapPropagator()
 
 
 class _Inbox:
-    """One request's events as they arrive; the request's generator takes them all at once."""
+    """One request's events as they arrive; the request's generator takes them all at once.
 
-    __slots__ = ("events", "failure", "wake")
+    The generator is woken at most once per stream interval: events that come sooner wait in the
+    inbox for one timer and then go out together, as one message to the client. The first event
+    and a last one wake it at once (time to first token, and the end, are never held back)."""
+
+    __slots__ = ("events", "failure", "wake", "not_before_s", "timer")
 
     def __init__(self) -> None:
         self.events: list[SchedulerEvent] = []
         self.failure: SwitchyardError | None = None
         self.wake = asyncio.Event()
+        self.not_before_s = 0.0  # the loop time before which a new event only arms the timer
+        self.timer: asyncio.TimerHandle | None = None
+
+    def put(self, event: SchedulerEvent, loop: asyncio.AbstractEventLoop) -> None:
+        self.events.append(event)
+        if event.finish_reason is not None or loop.time() >= self.not_before_s:
+            self.wake.set()
+        elif self.timer is None:
+            self.timer = loop.call_at(self.not_before_s, self._ring)
+
+    def take(self) -> list[SchedulerEvent]:
+        events, self.events = self.events, []
+        self.close()  # a timer armed for these is of no use now
+        return events
+
+    def _ring(self) -> None:
+        self.timer = None
+        self.wake.set()
 
     def fail(self, error: SwitchyardError) -> None:
         if self.failure is None:
             self.failure = error
         self.wake.set()
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 class _Connection:
@@ -86,6 +113,7 @@ class _Connection:
             logger.debug("scheduler stream write failed: %s", e)
 
     async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             async for msg in self._call:
                 for event in msg.events:
@@ -96,8 +124,7 @@ class _Connection:
                         del self._inboxes[event.request_id]
                         inbox.fail(wire.scheduler_error_from_pb(event))
                         continue
-                    inbox.events.append(wire.scheduler_event_from_pb(event))
-                    inbox.wake.set()
+                    inbox.put(wire.scheduler_event_from_pb(event), loop)
             error: SwitchyardError = Unavailable("the scheduler closed its stream")
         except grpc.aio.AioRpcError as e:
             error = error_from_rpc(e)
@@ -124,8 +151,9 @@ class _Connection:
 
 
 class SchedulerClient:
-    def __init__(self, address: str, tls: TlsConfig | None = None) -> None:
+    def __init__(self, address: str, tls: TlsConfig | None = None, *, stream_interval_s: float = 0.0) -> None:
         self.address = address
+        self.stream_interval_s = stream_interval_s
         self._channel = open_channel(address, tls)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self._connection: _Connection | None = None
@@ -145,26 +173,31 @@ class SchedulerClient:
         submission = wire.scheduler_request_to_pb(request_id, prompt_token_ids, inp, carrier.get("traceparent", ""))
         connection = self._connected()
         inbox = connection.open(submission)
+        loop = asyncio.get_running_loop()
         timer = None
         if inp.timeout_s is not None:
             # The scheduler ends the request at its deadline; this covers a scheduler that cannot.
-            timer = asyncio.get_running_loop().call_later(
+            timer = loop.call_later(
                 inp.timeout_s + 1.0, inbox.fail, DeadlineExceeded("deadline exceeded waiting for the scheduler"))
         finished = False
         try:
             while True:
-                if not inbox.events and inbox.failure is None:
-                    inbox.wake.clear()
-                    await inbox.wake.wait()
-                events, inbox.events = inbox.events, []
+                if inbox.failure is None:
+                    await inbox.wake.wait()  # set when an event is due (see _Inbox), or on failure
+                inbox.wake.clear()
+                events = inbox.take()
                 if not events:
-                    raise inbox.failure  # events that came before a failure were handed over first
+                    if inbox.failure is not None:
+                        raise inbox.failure  # events that came before a failure were handed over first
+                    continue
                 event = events[0].merged(events[1:]) if len(events) > 1 else events[0]
                 finished = event.finish_reason is not None
+                inbox.not_before_s = loop.time() + self.stream_interval_s
                 yield event
                 if finished:
                     return
         finally:
+            inbox.close()
             if timer is not None:
                 timer.cancel()
             if finished:

@@ -219,10 +219,12 @@ class Sampler:
         if not rows:
             return []
         raw = logits.to(device=self.device, dtype=torch.float32)
-        failed = (torch.isnan(raw).any(dim=-1) | torch.isposinf(raw).any(dim=-1)
-                  | torch.isneginf(raw).all(dim=-1))
-        # Zeroing failed rows keeps NaN out of every batched op; their results are discarded.
-        raw = torch.where(failed.unsqueeze(1), 0.0, raw)
+        # A row fails when it holds a NaN or +inf, or is all -inf: exactly when its max is not
+        # finite (max propagates NaN). One pass over the logits instead of one per condition.
+        failed = ~torch.isfinite(raw.amax(dim=-1))
+        if failed.any():
+            # Zeroing failed rows keeps NaN out of every batched op; their results are discarded.
+            raw = torch.where(failed.unsqueeze(1), 0.0, raw)
 
         penalised = apply_penalties(raw, rows)
         token_ids = penalised.argmax(dim=-1)  # final for greedy rows
