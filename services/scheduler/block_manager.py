@@ -100,6 +100,8 @@ class BlockManager:
         if num_tokens < 0:
             raise InvalidArgument(f"must be >= 0, got {num_tokens}", field="num_tokens")
         table = self._tables.get(request_id)
+        if table is not None and num_tokens <= len(table.block_ids) * self.block_size:
+            return []  # most decode steps: the last block still has room
         prefix = list(prefix_block_ids) if table is None else []
         self._check_prefix(prefix)
         num_owned = len(prefix) + (len(table.block_ids) if table is not None else 0)
