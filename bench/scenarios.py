@@ -188,7 +188,7 @@ def tiny_stack_vs_engine(o: Options, r: ScenarioResult) -> None:
         ratios.append(r.ratio(f"stack/in_process{suffix}", f"stack{suffix}", f"in_process{suffix}"))
     measured = [x for x in ratios if x is not None]
     r.target(f"stack / in-process engine output throughput (median of {num_rounds} alternating rounds)",
-             statistics.median(measured) if measured else None, ">=", 0.85, "x")
+             statistics.median(measured) if measured else None, ">=", 0.9, "x")
 
 
 def null_ttft(o: Options, r: ScenarioResult) -> None:
@@ -205,7 +205,7 @@ def null_ttft(o: Options, r: ScenarioResult) -> None:
     peers, why = _peers()
     _peer(r, "in_process", peers, why, lambda p: p.run_in_process(model, w, null_model=True, num_threads=1))
     p50_s = r.metric("stack", "ttft_s", "p50")
-    r.target("p50 TTFT through the full stack (null model)", None if p50_s is None else p50_s * 1000, "<=", 5.0, "ms")
+    r.target("p50 TTFT through the full stack (null model)", None if p50_s is None else p50_s * 1000, "<=", 2.0, "ms")
 
 
 def shared_prefix(o: Options, r: ScenarioResult) -> None:

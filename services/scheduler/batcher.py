@@ -9,6 +9,12 @@ preempted (lowest priority, newest arrival) and later recomputed from scratch â€
 than swap keeps the worker stateless about preemption, and with prefix caching most of the prefix
 usually comes back from the cache anyway.
 
+The batcher also answers the router's one question about this worker, `overlap_tokens(request)`:
+how much of a prompt this worker would not compute again. That is the longest full-block prefix
+either cached here or promised here: a prompt routed to this worker but not yet computed
+(`_pending`, from `add` until its first token, or until it leaves) counts, so a burst of requests
+on a new prefix follows the first one instead of spreading over the pool before anything is cached.
+
 A prompt whose next uncached block is being computed right now by another running request on
 this worker waits for it instead of computing it a second time (`_computing`): a burst of requests
 on a new prefix then pays for the prefix once, and the others start a step or two later as cache
@@ -35,6 +41,7 @@ Knobs (constructor arguments; nothing is read from the environment):
 from __future__ import annotations
 
 import bisect
+from collections import Counter
 from collections.abc import Sequence
 
 from services.scheduler.block_manager import BlockManager
@@ -45,7 +52,7 @@ from services.scheduler.plan import (
     ScheduledNew,
     StepPlan,
 )
-from services.scheduler.request import FinishReason, Request, RequestStatus
+from services.scheduler.request import ErrorKind, FinishReason, Request, RequestError, RequestStatus
 from shared.errors import InvalidArgument
 
 __all__ = [
@@ -57,8 +64,8 @@ __all__ = [
     "StepPlan",
 ]
 
-DEADLINE_ERROR = "deadline exceeded"
-NO_TOKEN_ERROR = "worker returned no token for a request that completed its chunk"
+DEADLINE_ERROR = RequestError(ErrorKind.DEADLINE, "deadline exceeded")
+NO_TOKEN_ERROR = RequestError(ErrorKind.FAILED, "worker returned no token for a request that completed its chunk")
 
 # (-priority, arrival_s, insertion seq): smallest is served first, largest is preempted first.
 _OrderKey = tuple[int, float, int]
@@ -99,6 +106,9 @@ class Batcher:
         self._computing: dict[bytes, str] = {}
         self._computing_keys: dict[str, list[bytes]] = {}
         self._waiting_on: dict[str, bytes] = {}  # waiter -> the key it waits for (saves re-hashing)
+        # Prompt block keys promised to this worker (routed, first token not yet out), counted.
+        self._pending: Counter[bytes] = Counter()
+        self._pending_keys: dict[str, list[bytes]] = {}
         self._next_seq = 0
         self._next_step_id = 1  # 0 reads as "unset" on the wire
 
@@ -128,6 +138,38 @@ class Batcher:
     @property
     def num_running_decode_requests(self) -> int:
         return sum(1 for r in self._running.values() if r.num_tokens - r.num_computed_tokens <= 1)
+
+    def overlap_tokens(self, request: Request) -> int:
+        """Tokens of the request's longest full-block prefix this worker has cached or will have
+        (a prompt placed here and not yet computed): the router's cache-affinity measure. Exact,
+        takes no refs, changes nothing."""
+        token_ids = request.all_token_ids
+        keys = self.block_manager.block_keys(token_ids, request.cache_salt)
+        num_blocks = len(self.block_manager.lookup_prefix(token_ids, request.cache_salt, keys))
+        if self._pending:
+            num_pending = 0
+            for key in keys:
+                if key not in self._pending:
+                    break
+                num_pending += 1
+            num_blocks = max(num_blocks, num_pending)
+        return num_blocks * self.block_manager.block_size
+
+    def _promise(self, request: Request) -> None:
+        if request.output_token_ids or request.request_id in self._pending_keys:
+            return  # a moved request's prompt is no new promise: it was computed somewhere
+        keys = self.block_manager.block_keys(request.prompt_token_ids, request.cache_salt)
+        self._pending_keys[request.request_id] = keys
+        self._pending.update(keys)
+
+    def _keep_promise(self, request_id: str) -> None:
+        """Its prompt is computed (its blocks are in the index now) or it left."""
+        keys = self._pending_keys.pop(request_id, None)
+        if keys:
+            self._pending.subtract(keys)
+            for key in keys:
+                if self._pending[key] <= 0:
+                    del self._pending[key]
 
     def has_work(self) -> bool:
         return bool(self._requests or self._finished_ids)
@@ -163,6 +205,7 @@ class Batcher:
         self._keys[rid] = (-request.priority, request.arrival_s, self._next_seq)
         self._next_seq += 1
         bisect.insort(self._waiting, (self._keys[rid], rid))
+        self._promise(request)
 
     def abort(self, request_id: str) -> Request | None:
         request = self._requests.get(request_id)
@@ -192,6 +235,8 @@ class Batcher:
         self._computing.clear()
         self._computing_keys.clear()
         self._waiting_on.clear()
+        self._pending.clear()
+        self._pending_keys.clear()
         self.block_manager.reset()
         return requests
 
@@ -203,6 +248,7 @@ class Batcher:
             request = self._requests.pop(rid)
             del self._keys[rid]
             self._waiting_on.pop(rid, None)
+            self._keep_promise(rid)
             taken.append(request)
         self._waiting.clear()
         return taken
@@ -323,7 +369,8 @@ class Batcher:
             output = by_id.get(rid)
             if output is not None and output.error:
                 self._release(request, FinishReason.ABORT)
-                events.append(RequestEvent(rid, (), (), FinishReason.ABORT, output.error))
+                events.append(RequestEvent(rid, (), (), FinishReason.ABORT,
+                                           RequestError(ErrorKind.FAILED, output.error)))
                 continue
             if entry.num_computed_tokens + entry.num_scheduled_tokens < request.num_tokens:
                 self._publish(request)  # a prompt chunk: no logits were sampled
@@ -337,6 +384,7 @@ class Batcher:
 
     def _append(self, request: Request, output: RequestOutput) -> RequestEvent:
         self._done_computing(request.request_id)  # its prompt is computed and published
+        self._keep_promise(request.request_id)
         reason: FinishReason | None = None
         num_taken = 0
         for token_id in output.token_ids:
@@ -377,6 +425,7 @@ class Batcher:
         self.block_manager.free(rid)
         self._forget_on_worker(rid)
         self._done_computing(rid)
+        self._keep_promise(rid)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
 

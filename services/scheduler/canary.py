@@ -11,7 +11,7 @@ baseline is rolled back (its weight goes to 0) when it has enough requests to ju
 the yardstick, not an oracle: if it is failing too, a canary that fails the same way is not worse
 and stays. A failure here means what it means to the client and the operator: the request ended
 with an error the client did not cause. Cancels and deadlines are the client's choice: such a
-request counts as served, not failed (`is_client_abort`).
+request counts as served, not failed (`RequestError.by_client`).
 
 The guard only ever takes a weight down, never up: it reports one
 `Rollback` per pool, once, and forgets the pool's window so that an operator who restores the
@@ -26,13 +26,6 @@ from collections import deque
 from dataclasses import dataclass
 
 from shared.errors import InvalidArgument
-
-CLIENT_ABORT_ERRORS = ("cancelled", "deadline")
-
-
-def is_client_abort(error: str) -> bool:
-    return error.startswith(CLIENT_ABORT_ERRORS)
-
 
 @dataclass(frozen=True)
 class RollbackPolicy:

@@ -18,10 +18,9 @@ from typing import Awaitable, Callable, Sequence
 from services.scheduler import metrics
 from services.scheduler.admission import ModelLimits, Submission, build_request
 from services.scheduler.batcher import RequestEvent
-from services.scheduler.canary import RollbackGuard, RollbackPolicy, WindowStats, is_client_abort
+from services.scheduler.canary import RollbackGuard, RollbackPolicy, WindowStats
 from services.scheduler.discovery import DnsTarget, diff, resolve
-from services.scheduler.pending_prefixes import PendingPrefixes
-from services.scheduler.request import FinishReason, Request
+from services.scheduler.request import ErrorKind, FinishReason, Request, RequestError
 from services.scheduler.router import PoolConfig, Router, RoutingDecision, WorkerLoad
 from services.scheduler.worker_loop import WorkerLoop
 from shared.errors import InvalidArgument, ResourceExhausted, Unavailable
@@ -72,9 +71,6 @@ class LiveRequest:
     # stream's outbox, or `events` for a Generate stream.
     sink: Callable[[RequestEvent], None] | None = None
     events: asyncio.Queue[RequestEvent] = field(default_factory=asyncio.Queue)
-    queued_at_s: float = 0.0
-    first_token_at_s: float | None = None
-    last_token_at_s: float | None = None  # of the latest delivery with tokens (inter-token latency)
 
 
 class Fleet:
@@ -87,7 +83,6 @@ class Fleet:
                              policy=config.routing)
         self._clock = clock
         self.live: dict[str, LiveRequest] = {}
-        self._pending: dict[str, PendingPrefixes] = {}  # per worker address
         self._idle = asyncio.Event()  # set while no request is live; drain waits on it
         self._idle.set()
         self._last_progress_s = clock()  # last token delivered, or when the fleet stopped being idle
@@ -181,14 +176,15 @@ class Fleet:
         logger.info("pool %s weight %s -> %s (operator)", pool, before, weight)
         return next(v for v in self.pool_views() if v.name == pool)
 
-    def observe_finished(self, live: LiveRequest | None, error: str) -> None:
+    def observe_finished(self, live: LiveRequest | None, error: RequestError | None) -> None:
         """Feeds the rollback guard with a finished request. The client's own ends (a cancel, a stop
         string found by the front door, a deadline) are not failures, but they are requests served,
         and their first token, if any, is a TTFT sample like any other."""
         if live is None:
             return
-        ttft_s = live.first_token_at_s - live.queued_at_s if live.first_token_at_s is not None else None
-        failed = bool(error) and not is_client_abort(error)
+        request = live.request
+        ttft_s = request.first_token_s - request.arrival_s if request.first_token_s is not None else None
+        failed = error is not None and not error.by_client
         self.guard.record(live.decision.pool, self._clock(), failed=failed, ttft_s=ttft_s)
 
     def check_rollback(self) -> None:
@@ -232,28 +228,16 @@ class Fleet:
             if not loop.up or batcher is None:
                 loads.append(WorkerLoad(loop.address, False, 0, 0, 0))
                 continue
-            overlap = max(batcher.block_manager.num_cached_prefix_tokens(request.all_token_ids, request.cache_salt),
-                          self._pending_of(loop).overlap_tokens(request.prompt_token_ids, request.cache_salt))
-            loads.append(WorkerLoad(loop.address, True, overlap, batcher.num_queued_prefill_tokens,
-                                    batcher.num_running_decode_requests))
+            loads.append(WorkerLoad(loop.address, True, batcher.overlap_tokens(request),
+                                    batcher.num_queued_prefill_tokens, batcher.num_running_decode_requests))
         return loads
 
-    def _pending_of(self, loop: WorkerLoop) -> PendingPrefixes:
-        pending = self._pending.get(loop.address)
-        spec = loop.spec
-        if pending is None or (spec is not None and (pending.block_size, pending.model_version) != (spec.block_size, spec.version)):
-            pending = PendingPrefixes(spec.block_size if spec else 16, spec.version if spec else "")
-            self._pending[loop.address] = pending
-        return pending
-
     def _place(self, live: LiveRequest, loop: WorkerLoop, decision: RoutingDecision) -> None:
-        """Hands a request to a worker, remembering its prompt there until its first token."""
+        """Hands a request to a worker (whose batcher counts its prompt as promised there)."""
         request = live.request
         live.worker, live.decision = loop, decision
         # The batcher counts only the uncached part of a queued prompt as load.
         request.num_expected_cached_tokens = decision.overlap_tokens
-        if not request.output_token_ids:
-            self._pending_of(loop).add(request.request_id, request.prompt_token_ids, request.cache_salt)
         loop.submit(request)
 
     def num_waiting(self) -> int:
@@ -272,7 +256,7 @@ class Fleet:
         request.trace_context = trace_context
         decision = self.router.choose_worker(pool, request.num_prompt_tokens, self._loads(pool, request), sticky=sticky)
         metrics.observe_routed(decision)
-        live = LiveRequest(request, self.loops[decision.worker], decision, sink, queued_at_s=now)
+        live = LiveRequest(request, self.loops[decision.worker], decision, sink)
         if sink is None:
             live.sink = live.events.put_nowait
         if not self.live:
@@ -297,8 +281,6 @@ class Fleet:
 
     def _forget(self, request_id: str) -> LiveRequest | None:
         live = self.live.pop(request_id, None)
-        if live is not None:
-            self._pending_of(live.worker).remove(request_id)
         if not self.live:
             self._idle.set()
         return live
@@ -321,10 +303,13 @@ class Fleet:
             live = self.live.get(event.request_id)
             if live is None:
                 continue  # aborted while its step was in flight
-            if event.token_ids and live.first_token_at_s is None:
-                live.first_token_at_s = now
-                self._pending_of(live.worker).remove(event.request_id)  # its blocks are indexed now
-            metrics.observe_delivery(live, event, now)
+            request = live.request
+            previous_s = request.last_token_s
+            if event.token_ids:
+                if request.first_token_s is None:
+                    request.first_token_s = now
+                request.last_token_s = now
+            metrics.observe_delivery(live, event, previous_s)
             live.sink(event)
 
     def _on_worker_down(self, dead: WorkerLoop, requests: Sequence[Request]) -> None:
@@ -335,10 +320,9 @@ class Fleet:
             others = [l for l in self._pool_loops(dead.pool) if l.up and l is not dead]
             if not others:
                 self._forget(request.request_id)
-                live.sink(RequestEvent(request.request_id, (), (), FinishReason.ABORT,
-                                                    error=f"unavailable: no worker of pool {dead.pool!r} is up"))
+                live.sink(RequestEvent(request.request_id, (), (), FinishReason.ABORT, RequestError(
+                    ErrorKind.UNAVAILABLE, f"unavailable: no worker of pool {dead.pool!r} is up")))
                 continue
-            self._pending_of(dead).remove(request.request_id)
             decision = self.router.choose_worker(dead.pool, request.num_prompt_tokens, self._loads(dead.pool, request))
             metrics.observe_migrated(decision)
             self._place(live, self.loops[decision.worker], decision)

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.scheduler.canary import Rollback, is_client_abort
+from services.scheduler.canary import Rollback
 from services.scheduler.plan import RequestEvent, StepPlan
+from services.scheduler.request import RequestError
 from services.scheduler.router import RoutingDecision
 from shared.telemetry import LATENCY_BUCKETS_S
 
@@ -153,8 +154,9 @@ def observe_worker_down(loop: WorkerLoop) -> None:
     WORKER_FAILURES.labels(loop.pool, loop.address).inc()
 
 
-def observe_delivery(live: LiveRequest, event: RequestEvent, now_s: float) -> None:
-    """Tokens put on a request's stream: TTFT on the first delivery, then inter-token latency.
+def observe_delivery(live: LiveRequest, event: RequestEvent, previous_token_s: float | None) -> None:
+    """Tokens put on a request's stream (the fleet has stamped this delivery on the request):
+    TTFT on the first delivery, then inter-token latency since `previous_token_s`.
 
     A delivery of k tokens after dt observes dt/k k times, so ITL means the same whether a worker
     returns one token per step or several; a stall (preemption, a move) shows in the tail.
@@ -162,15 +164,15 @@ def observe_delivery(live: LiveRequest, event: RequestEvent, now_s: float) -> No
     num_tokens = len(event.token_ids)
     if not num_tokens:
         return
+    request = live.request
     tokens, ttft, itl = _delivery_series(live.decision.pool, live.worker.address)
     tokens.inc(num_tokens)
-    if live.last_token_at_s is None:
-        ttft.observe(now_s - live.queued_at_s)
+    if previous_token_s is None:
+        ttft.observe(request.last_token_s - request.arrival_s)
     else:
-        per_token_s = (now_s - live.last_token_at_s) / num_tokens
+        per_token_s = (request.last_token_s - previous_token_s) / num_tokens
         for _ in range(num_tokens):
             itl.observe(per_token_s)
-    live.last_token_at_s = now_s
 
 
 _DELIVERY_SERIES: dict[tuple[str, str], tuple] = {}
@@ -187,7 +189,7 @@ def _delivery_series(pool: str, worker: str) -> tuple:
     return series
 
 
-def observe_request_finished(live: LiveRequest | None, finish_reason: str, error: str = "") -> None:
+def observe_request_finished(live: LiveRequest | None, finish_reason: str, error: RequestError | None = None) -> None:
     """Called once per admitted request when its stream ends, however it ends.
 
     `finish_reason` is stop/length/abort as the stream reported it; `error` is set when it ended by
@@ -197,10 +199,10 @@ def observe_request_finished(live: LiveRequest | None, finish_reason: str, error
     """
     if live is None:
         return  # refused at admission: never ran on a worker
-    if error:
-        finish_reason = "abort" if is_client_abort(error) else "error"
+    if error is not None:
+        finish_reason = "abort" if error.by_client else "error"
     labels = (live.decision.pool, live.worker.address)
     # The fleet's clock is time.monotonic in every service; arrival was stamped with it.
-    E2E_REQUEST_LATENCY.labels(*labels).observe(time.monotonic() - live.queued_at_s)
+    E2E_REQUEST_LATENCY.labels(*labels).observe(time.monotonic() - live.request.arrival_s)
     PROMPT_TOKENS.labels(*labels).inc(live.request.num_prompt_tokens)
     REQUESTS.labels(*labels, finish_reason).inc()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.scheduler.request import FinishReason, Request, TokenLogprob
+from services.scheduler.request import FinishReason, Request, RequestError, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class RequestEvent:
     token_ids: tuple[int, ...]  # new tokens only
     logprobs: tuple[TokenLogprob, ...]
     finish_reason: FinishReason | None  # None while the request goes on
-    error: str = ""
+    error: RequestError | None = None  # set on a last event that ends the request with an error
 
     def then(self, later: RequestEvent) -> RequestEvent:
         """This event followed by `later` as one: a stream that fell behind sends one message, not two."""

@@ -24,6 +24,32 @@ class FinishReason(enum.Enum):
     ABORT = "abort"  # cancelled, deadline passed, or the worker reported an error
 
 
+class ErrorKind(enum.Enum):
+    """Why a request ended early. The first two are the client's own limits, not failures."""
+
+    CANCELLED = "cancelled"  # the client, or its front door (a stop string), stopped it
+    DEADLINE = "deadline"  # its deadline passed
+    UNAVAILABLE = "unavailable"  # no worker of its pool could take it
+    FAILED = "failed"  # the worker could not compute or sample it
+    REFUSED = "refused"  # admission turned it away (never ran)
+
+
+@dataclass(frozen=True)
+class RequestError:
+    """A request's end by an error: what kind (for status codes, metrics, rollback), and why."""
+
+    kind: ErrorKind
+    message: str
+
+    @property
+    def by_client(self) -> bool:
+        """The client's own end (cancel, deadline): served, not failed."""
+        return self.kind in (ErrorKind.CANCELLED, ErrorKind.DEADLINE)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @dataclass(frozen=True)
 class WorkerSampling:
     """What the worker's SamplingParams need, resolved to concrete values."""
@@ -69,7 +95,10 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     num_expected_cached_tokens: int = 0  # the router's overlap when it placed the request (load estimate)
+    # Its own timeline, on the fleet's clock (time.monotonic); metrics and spans only read these.
     first_scheduled_s: float | None = None  # set by the worker loop when a step first includes it
+    first_token_s: float | None = None  # set by the fleet when its first token is delivered
+    last_token_s: float | None = None  # set by the fleet at each delivery with tokens
 
     @property
     def all_token_ids(self) -> list[int]:

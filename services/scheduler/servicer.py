@@ -13,7 +13,8 @@ from switchyard.scheduler.v1 import scheduler_pb2_grpc
 
 from services.scheduler import wire
 from services.scheduler.fleet import Fleet
-from services.scheduler.session import FrontDoorSession, conclude, error_for
+from services.scheduler.request import ErrorKind, RequestError
+from services.scheduler.session import CANCELLED, FrontDoorSession, conclude, error_for
 from services.scheduler.tracing import start_request_span
 from shared.errors import SwitchyardError, Unavailable
 
@@ -34,7 +35,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             request.request_id = uuid.uuid4().hex
         span, traceparent = start_request_span(request.request_id)
         live = None
-        finish_reason, error = "abort", "cancelled"
+        finish_reason, error = "abort", CANCELLED
         try:
             live = self._fleet.submit(wire.submission_from_pb(request, context.time_remaining()), traceparent)
             finished = False
@@ -42,17 +43,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 event = await live.events.get()
                 # Whatever queued up while this stream was busy goes out as one message: under load
                 # the per-message cost (here and at the front door) is paid once for several tokens.
-                while event.finish_reason is None and not event.error and not live.events.empty():
+                while event.finish_reason is None and event.error is None and not live.events.empty():
                     event = event.then(live.events.get_nowait())
                 finished = event.finish_reason is not None
-                if event.error:
+                if event.error is not None:
                     error = event.error
                     raise error_for(event.error)
                 if finished:
-                    finish_reason, error = event.finish_reason.name.lower(), ""
+                    finish_reason, error = event.finish_reason.name.lower(), None
                 yield wire.event_to_pb(event, live.request)
         except SwitchyardError as e:
-            error = str(e)
+            if live is None:  # refused at admission; a failure after it already set `error`
+                error = RequestError(ErrorKind.REFUSED, str(e))
             raise
         finally:
             # Reached on normal end, on error, and when the client goes away (cancellation).
@@ -74,6 +76,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def _read(self, requests: AsyncIterator[pb.ConnectRequest], session: FrontDoorSession) -> None:
         try:
             async for msg in requests:
+                # Aborts first: an id aborted and then submitted again in one message is a new request.
+                for request_id in msg.abort_request_ids:
+                    session.abort(request_id)
                 for sub, traceparent in wire.submissions_from_pb(msg):
                     if not sub.request_id:
                         sub = replace(sub, request_id=uuid.uuid4().hex)
@@ -81,8 +86,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                         session.refuse(sub, Unavailable("scheduler is draining"))
                     else:
                         session.submit(sub, traceparent)
-                for request_id in msg.abort_request_ids:
-                    session.abort(request_id)
         except SwitchyardError:
             session.close()  # a malformed message: the stream cannot be trusted any more
             raise

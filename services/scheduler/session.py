@@ -23,11 +23,12 @@ from services.scheduler import metrics
 from services.scheduler.admission import Submission
 from services.scheduler.batcher import RequestEvent
 from services.scheduler.fleet import Fleet, LiveRequest
-from services.scheduler.request import FinishReason
+from services.scheduler.request import ErrorKind, FinishReason, RequestError
 from services.scheduler.tracing import end_request_span, start_request_span
 from shared.errors import DeadlineExceeded, SwitchyardError, Unavailable
 
-CLOSED_ERROR = "cancelled: the front door's stream closed"
+CLOSED = RequestError(ErrorKind.CANCELLED, "cancelled: the front door's stream closed")
+CANCELLED = RequestError(ErrorKind.CANCELLED, "cancelled")
 
 
 @dataclass(frozen=True)
@@ -41,16 +42,17 @@ class Delivery:
     error: SwitchyardError | None = None  # set on a last event that ends the request with an error
 
 
-def error_for(message: str) -> SwitchyardError:
-    """The typed error of a request the scheduler ended with an error message."""
-    if message.startswith("deadline"):
-        return DeadlineExceeded(message)
-    if message.startswith("unavailable"):
-        return Unavailable(message)
-    return SwitchyardError(f"request failed: {message}")
+def error_for(error: RequestError) -> SwitchyardError:
+    """The typed error (and so the status code) a request that ended with `error` gets."""
+    if error.kind is ErrorKind.DEADLINE:
+        return DeadlineExceeded(error.message)
+    if error.kind is ErrorKind.UNAVAILABLE:
+        return Unavailable(error.message)
+    return SwitchyardError(f"request failed: {error.message}")
 
 
-def conclude(fleet: Fleet, live: LiveRequest | None, span: Span, finish_reason: str, error: str) -> None:
+def conclude(fleet: Fleet, live: LiveRequest | None, span: Span, finish_reason: str,
+             error: RequestError | None) -> None:
     """Ends a request's life in the scheduler, however it ended: forgotten (or aborted, which frees
     its blocks on the worker), its span ended, its metrics and rollback window fed."""
     if live is not None:
@@ -81,7 +83,7 @@ class FrontDoorSession:
         try:
             live = self._fleet.submit(sub, worker_traceparent, sink=self._push)
         except SwitchyardError as e:
-            conclude(self._fleet, None, span, "abort", str(e))
+            conclude(self._fleet, None, span, "abort", RequestError(ErrorKind.REFUSED, str(e)))
             self.refuse(sub, e)
             return
         self._live[sub.request_id] = (live, span)
@@ -94,13 +96,14 @@ class FrontDoorSession:
         """The front door stopped the request (a cancel, a stop string): nothing more is sent for it."""
         tracked = self._live.pop(request_id, None)
         if tracked is not None:
-            conclude(self._fleet, tracked[0], tracked[1], "abort", "cancelled")
+            conclude(self._fleet, tracked[0], tracked[1], "abort", CANCELLED)
 
     def close(self) -> None:
         """The stream ended: every request still running is aborted."""
-        for live, span in self._live.values():
-            conclude(self._fleet, live, span, "abort", CLOSED_ERROR)
-        self._live.clear()
+        # Taken out first: aborting a request delivers its last event, which must find it gone.
+        running, self._live = self._live, {}
+        for live, span in running.values():
+            conclude(self._fleet, live, span, "abort", CLOSED)
         self.input_closed = True
         self._ready.set()
 
@@ -133,7 +136,7 @@ class FrontDoorSession:
         error = error_for(event.error) if event.error else None
         self._send(Delivery(event, request.num_prompt_tokens, request.num_cached_tokens,
                             len(request.output_token_ids), error))
-        if event.error or event.finish_reason is not None:
+        if event.error is not None or event.finish_reason is not None:
             del self._live[event.request_id]
             finish_reason = event.finish_reason.name.lower() if event.finish_reason else "abort"
             conclude(self._fleet, live, span, finish_reason, event.error)

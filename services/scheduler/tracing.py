@@ -16,6 +16,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from services.scheduler.fleet import LiveRequest
+from services.scheduler.request import RequestError
 
 _tracer = trace.get_tracer("switchyard.scheduler")
 _propagator = TraceContextTextMapPropagator()
@@ -34,7 +35,8 @@ def start_request_span(request_id: str, parent_traceparent: str = "") -> tuple[S
     return span, carrier.get("traceparent", "")
 
 
-def end_request_span(span: Span, live: LiveRequest | None, finish_reason: str, error: str = "") -> None:
+def end_request_span(span: Span, live: LiveRequest | None, finish_reason: str,
+                     error: RequestError | None = None) -> None:
     if live is not None:
         request, decision = live.request, live.decision
         attributes = {
@@ -59,10 +61,10 @@ def end_request_span(span: Span, live: LiveRequest | None, finish_reason: str, e
             "gen_ai.response.finish_reasons": [finish_reason],
         }
         if request.first_scheduled_s is not None:
-            attributes["switchyard.queue_time_s"] = request.first_scheduled_s - live.queued_at_s
-        if live.first_token_at_s is not None:
-            attributes["switchyard.time_to_first_token_s"] = live.first_token_at_s - live.queued_at_s
+            attributes["switchyard.queue_time_s"] = request.first_scheduled_s - request.arrival_s
+        if request.first_token_s is not None:
+            attributes["switchyard.time_to_first_token_s"] = request.first_token_s - request.arrival_s
         span.set_attributes(attributes)
-    if error:
-        span.set_status(Status(StatusCode.ERROR, error))
+    if error is not None:
+        span.set_status(Status(StatusCode.ERROR, error.message))
     span.end()

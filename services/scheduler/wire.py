@@ -13,7 +13,7 @@ from services.scheduler.admission import ClientSampling, Submission
 from services.scheduler.batcher import RequestEvent, RequestOutput, StepPlan
 from services.scheduler.request import FinishReason, Request, TokenLogprob, WorkerSampling
 from services.scheduler.worker_spec import WorkerSpec
-from shared.errors import InvalidArgument, ResourceExhausted
+from shared.errors import ResourceExhausted
 from shared.sampling_rules import SCALAR_FIELDS
 
 if TYPE_CHECKING:  # fleet.py imports worker_loop.py, which imports this module
@@ -47,12 +47,8 @@ def submission_from_pb(msg: pb.GenerateRequest, timeout_s: float | None) -> Subm
 
 def submissions_from_pb(msg: pb.ConnectRequest) -> list[tuple[Submission, str]]:
     """A Connect message's new requests, each with the traceparent it brought."""
-    subs = []
-    for r in msg.submissions:
-        if r.timeout_s < 0 or r.timeout_s != r.timeout_s:
-            raise InvalidArgument(f"must be >= 0 seconds, got {r.timeout_s}", field="timeout_s")
-        subs.append((submission_from_pb(r, r.timeout_s or None), r.traceparent))
-    return subs
+    # A bad timeout is one request's problem: admission refuses that request, not the stream.
+    return [(submission_from_pb(r, r.timeout_s or None), r.traceparent) for r in msg.submissions]
 
 
 def deliveries_to_pb(batch: list[Delivery]) -> pb.ConnectResponse:

@@ -94,7 +94,7 @@ class Frontend:
             **{f"gen_ai.request.{name}": value for name in ("temperature", "top_p", "top_k", "seed")
                if (value := getattr(inp.sampling, name)) is not None},
         })
-        detokenizer = IncrementalDetokenizer(self.codec.tokenizer, prompt_ids)
+        detokenizer = IncrementalDetokenizer(self.codec.decoder, prompt_ids)
         stopper = StopChecker(inp.sampling.stop) if inp.sampling.stop else None
         num_output_tokens = num_cached_tokens = 0
         stream = self.scheduler.stream(request_id, prompt_ids, inp, trace.set_span_in_context(span))

@@ -24,7 +24,7 @@ from switchyard.scheduler.v1 import scheduler_pb2_grpc
 from services.tokenizer import wire
 from services.tokenizer.api_types import GenerateInput, SchedulerEvent
 from shared.channel import open_channel
-from shared.errors import DeadlineExceeded, SwitchyardError, Unavailable, error_from_rpc
+from shared.errors import DeadlineExceeded, InvalidArgument, SwitchyardError, Unavailable, error_from_rpc
 from shared.tls import TlsConfig
 
 logger = logging.getLogger(__name__)
@@ -87,15 +87,27 @@ class _Connection:
                        asyncio.create_task(self._read(), name="scheduler connect reader")]
 
     def open(self, submission: sched_pb.GenerateRequest) -> _Inbox:
+        if submission.request_id in self._inboxes:
+            # The scheduler would refuse it too; refusing here keeps the running one's events its own.
+            raise InvalidArgument(f"request {submission.request_id!r} is already running", field="request_id")
         inbox = self._inboxes[submission.request_id] = _Inbox()
         self._up.submissions.append(submission)
         self._up_ready.set()
         return inbox
 
     def abort(self, request_id: str) -> None:
-        if self._inboxes.pop(request_id, None) is not None and self.broken is None:
-            self._up.abort_request_ids.append(request_id)
-            self._up_ready.set()
+        if self._inboxes.pop(request_id, None) is None or self.broken is not None:
+            return
+        # Not sent yet (cancelled within the same loop turn): it is simply never sent. The
+        # scheduler applies a message's aborts before its submissions, so an abort must only
+        # ever name a request sent in an earlier message.
+        pending = self._up.submissions
+        for i, submission in enumerate(pending):
+            if submission.request_id == request_id:
+                del pending[i]
+                return
+        self._up.abort_request_ids.append(request_id)
+        self._up_ready.set()
 
     def forget(self, request_id: str) -> None:
         self._inboxes.pop(request_id, None)

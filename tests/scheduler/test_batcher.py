@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.scheduler.batcher import Batcher, RequestOutput, ScheduledNew
-from services.scheduler.request import FinishReason, Request, RequestStatus, TokenLogprob
+from services.scheduler.request import ErrorKind, FinishReason, Request, RequestError, RequestStatus, TokenLogprob
 from shared.errors import InvalidArgument
 from tests.scheduler.fakes import FakeWorker, greedy_tokens, make_pair, make_request, run_until_idle, step
 
@@ -226,7 +226,8 @@ def test_worker_error_aborts_only_that_request() -> None:
     batcher.add(good)
     _, events = step(batcher, worker)
     by_id = {e.request_id: e for e in events}
-    assert (by_id["bad"].finish_reason, by_id["bad"].error) == (FinishReason.ABORT, "sampler failed")
+    assert (by_id["bad"].finish_reason, by_id["bad"].error) == (
+        FinishReason.ABORT, RequestError(ErrorKind.FAILED, "sampler failed"))
     assert by_id["good"].finish_reason is None and len(by_id["good"].token_ids) == 1
     assert bad.finish_reason is FinishReason.ABORT and batcher.get("bad") is None
     assert batcher.block_manager.block_ids("bad") == []
@@ -240,7 +241,7 @@ def test_missing_output_for_a_sampling_request_aborts_it() -> None:
     batcher, _ = make_pair()
     batcher.add(make_request("r", prompt(3)))
     [event] = batcher.update(batcher.schedule(), [])
-    assert event.finish_reason is FinishReason.ABORT and event.error
+    assert event.finish_reason is FinishReason.ABORT and event.error.kind is ErrorKind.FAILED
 
 
 def test_abort_frees_blocks_at_once_and_tells_the_worker_exactly_once() -> None:
@@ -288,7 +289,7 @@ def test_expire_aborts_requests_past_their_deadline() -> None:
     assert batcher.expire(4.9) == []
     events = batcher.expire(5.0)
     assert {e.request_id for e in events} == {"soon", "queued"}
-    assert all(e.finish_reason is FinishReason.ABORT and e.error == "deadline exceeded" for e in events)
+    assert all(e.finish_reason is FinishReason.ABORT and e.error.kind is ErrorKind.DEADLINE for e in events)
     assert soon.finish_reason is FinishReason.ABORT and late.status is RequestStatus.RUNNING
     assert step(batcher, worker)[0].finished_request_ids == ("soon",)  # "queued" was never on the worker
     assert [e.request_id for e in batcher.expire(100.0)] == ["late"]
@@ -469,5 +470,6 @@ def test_events_that_queued_up_merge_into_one_in_order():
     assert merged.token_ids == (5, 6, 7)
     assert merged.logprobs == tuple(lp)
     assert merged.finish_reason is FinishReason.LENGTH  # the end of the stream is kept, not lost
-    failed = first.then(RequestEvent("r", (), (), FinishReason.ABORT, error="worker failed"))
-    assert failed.error == "worker failed" and failed.token_ids == (5,)
+    worker_failed = RequestError(ErrorKind.FAILED, "worker failed")
+    failed = first.then(RequestEvent("r", (), (), FinishReason.ABORT, error=worker_failed))
+    assert failed.error == worker_failed and failed.token_ids == (5,)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.scheduler.canary import RollbackGuard, RollbackPolicy, is_client_abort, percentile
+from services.scheduler.canary import RollbackGuard, RollbackPolicy, percentile
+from services.scheduler.request import ErrorKind, RequestError
 from shared.errors import InvalidArgument
 
 WEIGHTS = {"stable": 90.0, "canary": 10.0}
@@ -113,5 +114,5 @@ def test_percentile_is_nearest_rank_and_client_aborts_are_recognised() -> None:
     assert percentile([3.0, 1.0, 2.0], 99) == 3.0
     assert percentile(list(map(float, range(1, 101))), 99) == 99.0
     assert percentile([5.0], 50) == 5.0
-    assert is_client_abort("cancelled") and is_client_abort("deadline exceeded")
-    assert not is_client_abort("non-finite logits")
+    assert RequestError(ErrorKind.CANCELLED, "x").by_client and RequestError(ErrorKind.DEADLINE, "x").by_client
+    assert not any(RequestError(k, "x").by_client for k in (ErrorKind.FAILED, ErrorKind.UNAVAILABLE))

@@ -15,7 +15,7 @@ from services.scheduler.batcher import Batcher
 from services.scheduler.block_manager import BlockManager
 from services.scheduler.canary import RollbackGuard, RollbackPolicy
 from services.scheduler.plan import RequestEvent, RequestOutput, ScheduledNew, StepPlan
-from services.scheduler.request import Request, WorkerSampling
+from services.scheduler.request import ErrorKind, Request, RequestError, WorkerSampling
 from services.scheduler.router import PoolConfig, Router
 
 
@@ -23,10 +23,18 @@ def value(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def live_request(worker: str, num_prompt_tokens: int = 5, queued_at_s: float = 0.0) -> SimpleNamespace:
+def live_request(worker: str, num_prompt_tokens: int = 5, arrival_s: float = 0.0) -> SimpleNamespace:
     return SimpleNamespace(decision=SimpleNamespace(pool="p"), worker=SimpleNamespace(address=worker),
-                           queued_at_s=queued_at_s, last_token_at_s=None,
-                           request=SimpleNamespace(num_prompt_tokens=num_prompt_tokens))
+                           request=SimpleNamespace(num_prompt_tokens=num_prompt_tokens, arrival_s=arrival_s,
+                                                   last_token_s=None))
+
+
+def deliver(live: SimpleNamespace, event: RequestEvent, now_s: float) -> None:
+    """What the fleet does at a delivery: stamp the request, then let metrics read it."""
+    previous_s = live.request.last_token_s
+    if event.token_ids:
+        live.request.last_token_s = now_s
+    metrics.observe_delivery(live, event, previous_s)
 
 
 def make_request(rid: str, num_prompt_tokens: int = 20, **kw: object) -> Request:
@@ -35,22 +43,23 @@ def make_request(rid: str, num_prompt_tokens: int = 20, **kw: object) -> Request
 
 def test_first_token_then_one_itl_observation_per_token() -> None:
     live, labels = live_request("w-itl"), {"pool": "p", "worker": "w-itl"}
-    metrics.observe_delivery(live, RequestEvent("r", (), (), None), 0.2)  # no tokens: nothing
-    metrics.observe_delivery(live, RequestEvent("r", (7,), (), None), 0.5)
-    metrics.observe_delivery(live, RequestEvent("r", (1, 2, 3), (), None), 1.1)
+    deliver(live, RequestEvent("r", (), (), None), 0.2)  # no tokens: nothing
+    deliver(live, RequestEvent("r", (7,), (), None), 0.5)
+    deliver(live, RequestEvent("r", (1, 2, 3), (), None), 1.1)
     assert value("switchyard_time_to_first_token_seconds_sum", **labels) == pytest.approx(0.5)
     assert value("switchyard_inter_token_latency_seconds_count", **labels) == 3
     assert value("switchyard_inter_token_latency_seconds_sum", **labels) == pytest.approx(0.6)
     assert value("switchyard_generation_tokens_total", **labels) == 4
 
 
-@pytest.mark.parametrize("reason, error, counted", [
-    ("length", "", "length"), ("stop", "", "stop"), ("abort", "", "abort"),
-    ("abort", "cancelled", "abort"), ("abort", "deadline exceeded", "abort"),
-    ("abort", "non-finite logits", "error"), ("abort", "unavailable: no worker of pool 'p' is up", "error"),
+@pytest.mark.parametrize("reason, kind, counted", [
+    ("length", None, "length"), ("stop", None, "stop"), ("abort", None, "abort"),
+    ("abort", ErrorKind.CANCELLED, "abort"), ("abort", ErrorKind.DEADLINE, "abort"),
+    ("abort", ErrorKind.FAILED, "error"), ("abort", ErrorKind.UNAVAILABLE, "error"),
 ])
-def test_finish_reason_of_a_request(reason: str, error: str, counted: str) -> None:
-    worker = f"w-finish-{reason}-{error}"
+def test_finish_reason_of_a_request(reason: str, kind: ErrorKind | None, counted: str) -> None:
+    worker = f"w-finish-{reason}-{kind}"
+    error = RequestError(kind, "why") if kind is not None else None
     metrics.observe_request_finished(live_request(worker, 9, time.monotonic()), reason, error)
     assert value("switchyard_requests_total", pool="p", worker=worker, finish_reason=counted) == 1
     assert value("switchyard_prompt_tokens_total", pool="p", worker=worker) == 9
@@ -62,7 +71,7 @@ def test_refused_request_is_not_a_finished_one() -> None:
         return sum(s.value for s in metrics.REQUESTS.collect()[0].samples if s.name == "switchyard_requests_total")
 
     before = num_finished()
-    metrics.observe_request_finished(None, "abort", "queue full")
+    metrics.observe_request_finished(None, "abort", RequestError(ErrorKind.REFUSED, "queue full"))
     assert num_finished() == before
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 
 from services.scheduler.batcher import Batcher
-from services.scheduler.request import FinishReason, Request, RequestStatus
+from services.scheduler.request import ErrorKind, FinishReason, Request, RequestStatus
 from tests.scheduler.fakes import VOCAB_SIZE, greedy_tokens, make_pair, make_request
 
 EOS_TOKEN_IDS = (0,)
@@ -135,7 +135,7 @@ def simulate(config: Config, arrivals: list[Arrival], *, chaos: bool) -> Outcome
                     else:
                         batcher.abort(arrival.request_id)
             for event in batcher.expire(float(step)):
-                assert event.finish_reason is FinishReason.ABORT and event.error == "deadline exceeded"
+                assert event.finish_reason is FinishReason.ABORT and event.error.kind is ErrorKind.DEADLINE
         if step == take_all_step:  # the worker died; its requests come back to a restarted one
             worker.reset()
             taken = batcher.take_all()

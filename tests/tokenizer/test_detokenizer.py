@@ -194,3 +194,20 @@ def test_invalid_bytes_do_not_stall_the_stream(tokenizer):
     assert "".join(deltas) + detok.flush() == tokenizer.decode(ids)
     assert max(counting.window_lengths) <= 12
     assert sum(counting.window_lengths) <= 20 * len(ids)
+
+
+def test_the_codec_decodes_with_the_rust_tokenizer_and_gets_the_same_text(tiny_model_dir, tokenizer):
+    from services.tokenizer.codec import Codec  # noqa: PLC0415 - the codec is what is under test here
+
+    codec = Codec(tiny_model_dir)
+    assert codec.decoder is codec.tokenizer.backend_tokenizer
+    rng = random.Random(5)
+    byte_ids = byte_token_ids(tokenizer)
+    for _ in range(500):
+        ids = [rng.randrange(len(tokenizer)) if rng.random() < 0.5 else byte_ids[rng.randrange(0x80, 0x100)]
+               for _ in range(rng.randint(1, 30))]
+        prompt = [rng.randrange(len(tokenizer)) for _ in range(rng.randint(0, 6))]
+        text = run_checked(codec.decoder, random_groups(rng, ids, 4), prompt)
+        assert text == run_checked(tokenizer, random_groups(rng, ids, 4), prompt), (prompt, ids)
+        if not prompt:
+            assert text == tokenizer.decode(ids, skip_special_tokens=True)

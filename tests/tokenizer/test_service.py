@@ -138,3 +138,36 @@ async def test_concurrent_streams_complete(stack) -> None:
     prompts = ["".join(rng.choice("abc xyz") for _ in range(rng.randint(1, 80))) for _ in range(32)]
     results = await asyncio.gather(*(run(stack.api, request(p or "a", max_tokens=10, ignore_eos=True)) for p in prompts))
     assert all(len(ids) == 10 for _, ids, _ in results)
+
+
+async def test_a_duplicate_request_id_is_refused_and_the_running_one_is_untouched(stack) -> None:
+    """Every request of this front door shares one scheduler stream, where the id is the only key:
+    a second request under a live id must be refused, never steal or abort the first one's events."""
+    first = request(PROMPTS[0], max_tokens=24, ignore_eos=True)
+    first.request_id = "same-id"
+    reference, ref_ids, _ = await run(stack.api, request(PROMPTS[0], max_tokens=24, ignore_eos=True))
+    call = stack.api.Generate(first, timeout=60)
+    responses = [await call.read()]  # the first is running now
+    again = request(PROMPTS[1], max_tokens=4)
+    again.request_id = "same-id"
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await run(stack.api, again)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in e.value.details()
+    while (r := await call.read()) is not grpc.aio.EOF:
+        responses.append(r)
+    assert [t for r in responses for t in r.token_ids] == ref_ids
+    assert "".join(r.text for r in responses) == reference
+    await settle(stack)
+    assert not stack.fleet.live and await blocks_in_use(stack) == 0
+
+
+async def test_cancels_in_any_order_leave_nothing_behind(stack) -> None:
+    """Cancel before the submission is sent, just after, and mid-decode: every block comes back."""
+    for delay_s in (0.0, 0.001, 0.05, 0.2):
+        calls = [stack.api.Generate(request(p, max_tokens=64, ignore_eos=True), timeout=60) for p in PROMPTS]
+        await asyncio.sleep(delay_s)
+        for call in calls:
+            call.cancel()
+        await settle(stack)
+        assert not stack.fleet.live and await blocks_in_use(stack) == 0, f"left behind after {delay_s} s"
+        assert not stack.frontend.scheduler._connection._inboxes  # noqa: SLF001 - nothing waits on
