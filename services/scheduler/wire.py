@@ -140,6 +140,15 @@ def outputs_from_pb(msg: worker_pb.StepResponse) -> list[RequestOutput]:
     ]
 
 
+def step_reply_from_pb(msg: worker_pb.StepResponse) -> tuple[list[RequestOutput], bool]:
+    """A step's outputs, and whether the worker said it is draining."""
+    return outputs_from_pb(msg), msg.draining
+
+
+INFO_REQUEST = worker_pb.InfoRequest()
+RESET_REQUEST = worker_pb.ResetRequest()
+
+
 def worker_spec_from_pb(msg: worker_pb.WorkerInfo) -> WorkerSpec:
     return WorkerSpec(
         model=msg.model, version=msg.version, block_size=msg.block_size, num_blocks=msg.num_blocks,

@@ -15,11 +15,10 @@ import time
 from typing import Callable
 
 import grpc
-from switchyard.worker.v1 import worker_pb2 as worker_pb
 from switchyard.worker.v1 import worker_pb2_grpc
 
 from services.scheduler import metrics, wire
-from services.scheduler.batcher import Batcher, RequestEvent
+from services.scheduler.batcher import Batcher, RequestEvent, RequestOutput
 from services.scheduler.block_manager import BlockManager
 from services.scheduler.request import Request
 from services.scheduler.worker_spec import WorkerSpec
@@ -141,8 +140,8 @@ class WorkerLoop:
         self._close_steps()  # a stream to an earlier process on this address is of no use
         while not self._stopping and not self.retiring:
             try:
-                info = await self._stub.Info(worker_pb.InfoRequest(), timeout=2.0)
-                await self._stub.Reset(worker_pb.ResetRequest(), timeout=5.0)
+                info = await self._stub.Info(wire.INFO_REQUEST, timeout=2.0)
+                await self._stub.Reset(wire.RESET_REQUEST, timeout=5.0)
             except grpc.aio.AioRpcError:
                 await asyncio.sleep(self._probe_interval_s)
                 continue
@@ -196,18 +195,19 @@ class WorkerLoop:
                         self._steps = self._stub.Steps()
                     await self._steps.write(wire.plan_to_pb(plan))
                     held = self._hand_over(held)
-                    reply = await self._read_reply(self._steps)
+                    outputs, draining = await self._read_reply(self._steps)
                 finally:
                     self.in_step = False
                 self.num_steps += 1
-                held = batcher.update(plan, wire.outputs_from_pb(reply))
-                if reply.draining and self.up:
+                held = batcher.update(plan, outputs)
+                if draining and self.up:
                     self._leave_pool(batcher)
         finally:
             self._hand_over(held)  # a failed Step or a stop still delivers what the last one produced
 
-    async def _read_reply(self, steps: grpc.aio.StreamStreamCall) -> worker_pb.StepResponse:
-        """The reply to the step just written, within the step timeout."""
+    async def _read_reply(self, steps: grpc.aio.StreamStreamCall) -> tuple[list[RequestOutput], bool]:
+        """The reply to the step just written, within the step timeout: outputs, and whether the
+        worker is draining."""
         timed_out = False
 
         def expire() -> None:
@@ -226,7 +226,7 @@ class WorkerLoop:
             timer.cancel()
         if reply is grpc.aio.EOF:
             raise StepFailed("the worker closed the Steps stream")
-        return reply
+        return wire.step_reply_from_pb(reply)
 
     def _close_steps(self) -> None:
         if self._steps is not None:
