@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared.channel import SERVER_OPTIONS
-from shared.errors import ErrorInterceptor
+from shared.grpc_errors import ErrorInterceptor
 from shared.telemetry import Telemetry
 from shared.tls import TlsConfig
 

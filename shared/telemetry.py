@@ -18,15 +18,13 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import prometheus_client
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 
-if TYPE_CHECKING:  # shared.tls imports shared.errors, which imports this module
-    from shared.tls import TlsConfig
+from shared.tls import TlsConfig
 
 logger = logging.getLogger(__name__)
 

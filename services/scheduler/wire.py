@@ -14,6 +14,7 @@ from services.scheduler.batcher import RequestEvent, RequestOutput, StepPlan
 from services.scheduler.request import FinishReason, Request, TokenLogprob, WorkerSampling
 from services.scheduler.worker_spec import WorkerSpec
 from shared.errors import ResourceExhausted
+from shared.grpc_errors import status_code_for
 from shared.sampling_rules import SCALAR_FIELDS
 
 if TYPE_CHECKING:  # fleet.py imports worker_loop.py, which imports this module
@@ -63,7 +64,7 @@ def deliveries_to_pb(batch: list[Delivery]) -> pb.ConnectResponse:
         if e.logprobs:
             msg.logprobs.extend(_logprob_to_api(lp) for lp in e.logprobs)
         if d.error is not None:
-            msg.error_code = d.error.status_code.value[0]
+            msg.error_code = status_code_for(type(d.error)).value[0]
             msg.error_message = d.error.message
             msg.error_field = d.error.field or ""
             if isinstance(d.error, ResourceExhausted):

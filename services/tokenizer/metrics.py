@@ -25,6 +25,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.tokenizer.api_types import GenerateChunk
 from shared.errors import SwitchyardError
+from shared.grpc_errors import status_code_for
 from shared.telemetry import LATENCY_BUCKETS_S
 
 # Tokenizing a prompt takes tens of microseconds to a few milliseconds: finer steps below 1 ms.
@@ -74,7 +75,7 @@ class _Call:
 def grpc_code(error: BaseException) -> str:
     """The status a handler's exception becomes on the wire (the ErrorInterceptor's mapping)."""
     if isinstance(error, SwitchyardError):
-        return error.status_code.name
+        return status_code_for(type(error)).name
     if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
         return "CANCELLED"  # the client went away (or its deadline closed the call)
     if isinstance(error, grpc.aio.AioRpcError):

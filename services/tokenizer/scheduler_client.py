@@ -24,7 +24,8 @@ from switchyard.scheduler.v1 import scheduler_pb2_grpc
 from services.tokenizer import wire
 from services.tokenizer.api_types import GenerateInput, SchedulerEvent
 from shared.channel import open_channel
-from shared.errors import DeadlineExceeded, InvalidArgument, SwitchyardError, Unavailable, error_from_rpc
+from shared.errors import DeadlineExceeded, InvalidArgument, SwitchyardError, Unavailable
+from shared.grpc_errors import error_from_rpc
 from shared.tls import TlsConfig
 
 logger = logging.getLogger(__name__)

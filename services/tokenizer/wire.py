@@ -9,7 +9,8 @@ from switchyard.scheduler.v1 import scheduler_pb2 as sched_pb
 from services.tokenizer.api_types import (
     ChatMessage, GenerateChunk, GenerateInput, SamplingInput, SchedulerEvent, TokenLogprob,
 )
-from shared.errors import SwitchyardError, error_from_status, status_from_number
+from shared.errors import SwitchyardError
+from shared.grpc_errors import error_from_status, status_from_number
 from shared.sampling_rules import SCALAR_FIELDS
 
 _FINISH_FROM_PB = {

@@ -21,7 +21,7 @@ import grpc
 import pytest
 from switchyard.api.v1 import generation_pb2 as pb
 
-from shared.errors import RETRY_AFTER_MS_KEY
+from shared.grpc_errors import RETRY_AFTER_MS_KEY
 from tests.chaos.conftest import (
     greedy_request,
     percentile,

@@ -10,16 +10,8 @@ import grpc
 import grpc.aio
 import pytest
 
-from shared.errors import (
-    FIELD_KEY,
-    FailedPrecondition,
-    InvalidArgument,
-    ResourceExhausted,
-    SwitchyardError,
-    Unauthenticated,
-    error_from_rpc,
-    status_code_for,
-)
+from shared.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, SwitchyardError, Unauthenticated
+from shared.grpc_errors import FIELD_KEY, error_from_rpc, status_code_for
 from shared.channel import insecure_channel
 from shared.server import GrpcServer
 
@@ -53,7 +45,7 @@ def test_subclass_inherits_code_and_bare_base_is_internal() -> None:
         pass
 
     assert status_code_for(QueueFull) is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert SwitchyardError("x").status_code is grpc.StatusCode.INTERNAL
+    assert status_code_for(SwitchyardError) is grpc.StatusCode.INTERNAL
     with pytest.raises(ValueError):
         ResourceExhausted("x", retry_after_s=-1)
 
