@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from switchyard.scheduler.v1 import scheduler_pb2 as sched_pb
 from switchyard.scheduler.v1 import scheduler_pb2_grpc
 
 from services.tokenizer import wire
@@ -81,18 +80,21 @@ class _Connection:
     def __init__(self, stub: scheduler_pb2_grpc.SchedulerStub) -> None:
         self._call = stub.Connect()
         self._inboxes: dict[str, _Inbox] = {}
-        self._up = sched_pb.ConnectRequest()  # what the writer sends next
+        # What the writer sends next: new requests (by id, in order) and aborts.
+        self._submissions: dict[str, object] = {}
+        self._aborts: list[str] = []
         self._up_ready = asyncio.Event()
         self.broken: SwitchyardError | None = None
         self._tasks = [asyncio.create_task(self._write(), name="scheduler connect writer"),
                        asyncio.create_task(self._read(), name="scheduler connect reader")]
 
-    def open(self, submission: sched_pb.GenerateRequest) -> _Inbox:
-        if submission.request_id in self._inboxes:
+    def open(self, request_id: str, submission: object) -> _Inbox:
+        """Registers the request's inbox and queues its submission (a wire message) for the writer."""
+        if request_id in self._inboxes:
             # The scheduler would refuse it too; refusing here keeps the running one's events its own.
-            raise InvalidArgument(f"request {submission.request_id!r} is already running", field="request_id")
-        inbox = self._inboxes[submission.request_id] = _Inbox()
-        self._up.submissions.append(submission)
+            raise InvalidArgument(f"request {request_id!r} is already running", field="request_id")
+        inbox = self._inboxes[request_id] = _Inbox()
+        self._submissions[request_id] = submission
         self._up_ready.set()
         return inbox
 
@@ -102,12 +104,9 @@ class _Connection:
         # Not sent yet (cancelled within the same loop turn): it is simply never sent. The
         # scheduler applies a message's aborts before its submissions, so an abort must only
         # ever name a request sent in an earlier message.
-        pending = self._up.submissions
-        for i, submission in enumerate(pending):
-            if submission.request_id == request_id:
-                del pending[i]
-                return
-        self._up.abort_request_ids.append(request_id)
+        if self._submissions.pop(request_id, None) is not None:
+            return
+        self._aborts.append(request_id)
         self._up_ready.set()
 
     def forget(self, request_id: str) -> None:
@@ -118,7 +117,10 @@ class _Connection:
             while True:
                 await self._up_ready.wait()
                 self._up_ready.clear()
-                message, self._up = self._up, sched_pb.ConnectRequest()
+                if not self._submissions and not self._aborts:
+                    continue  # the only submission was dropped by its own abort
+                message = wire.connect_request_to_pb(list(self._submissions.values()), self._aborts)
+                self._submissions, self._aborts = {}, []
                 await self._call.write(message)
         except asyncio.CancelledError:
             raise
@@ -129,15 +131,15 @@ class _Connection:
         loop = asyncio.get_running_loop()
         try:
             async for msg in self._call:
-                for event in msg.events:
-                    inbox = self._inboxes.get(event.request_id)
+                for request_id, event, error in wire.scheduler_events_from_pb(msg):
+                    inbox = self._inboxes.get(request_id)
                     if inbox is None:
                         continue  # aborted here while its events were on the way
-                    if event.error_code:
-                        del self._inboxes[event.request_id]
-                        inbox.fail(wire.scheduler_error_from_pb(event))
+                    if error is not None:
+                        del self._inboxes[request_id]
+                        inbox.fail(error)
                         continue
-                    inbox.put(wire.scheduler_event_from_pb(event), loop)
+                    inbox.put(event, loop)
             error: SwitchyardError = Unavailable("the scheduler closed its stream")
         except grpc.aio.AioRpcError as e:
             error = error_from_rpc(e)
@@ -185,7 +187,7 @@ class SchedulerClient:
             _propagator.inject(carrier, context=trace_context)
         submission = wire.scheduler_request_to_pb(request_id, prompt_token_ids, inp, carrier.get("traceparent", ""))
         connection = self._connected()
-        inbox = connection.open(submission)
+        inbox = connection.open(request_id, submission)
         loop = asyncio.get_running_loop()
         timer = None
         if inp.timeout_s is not None:
@@ -222,6 +224,3 @@ class SchedulerClient:
         if self._connection is not None:
             await self._connection.close()
         await self._channel.close()
-
-    async def get_stats(self) -> sched_pb.SchedulerStats:
-        return await self._stub.GetStats(sched_pb.GetStatsRequest(), timeout=5)

@@ -72,6 +72,18 @@ def scheduler_request_to_pb(request_id: str, prompt_token_ids: list[int], inp: G
     )
 
 
+def connect_request_to_pb(submissions: list[sched_pb.GenerateRequest], abort_request_ids: list[str],
+                          ) -> sched_pb.ConnectRequest:
+    return sched_pb.ConnectRequest(submissions=submissions, abort_request_ids=abort_request_ids)
+
+
+def scheduler_events_from_pb(msg: sched_pb.ConnectResponse,
+                             ) -> list[tuple[str, SchedulerEvent | None, SwitchyardError | None]]:
+    """Each event of a Connect message: its request id, and either the event or the request's error."""
+    return [(e.request_id, None, scheduler_error_from_pb(e)) if e.error_code
+            else (e.request_id, scheduler_event_from_pb(e), None) for e in msg.events]
+
+
 def scheduler_error_from_pb(msg: sched_pb.TokenEvent) -> SwitchyardError:
     """The typed error a failed request's last event on the Connect stream carries."""
     return error_from_status(status_from_number(msg.error_code), msg.error_message, msg.error_field or None,
