@@ -144,16 +144,16 @@ class Batcher:
         (a prompt placed here and not yet computed): the router's cache-affinity measure. Exact,
         takes no refs, changes nothing."""
         token_ids = request.all_token_ids
+        if not self._pending:  # the index alone: it hashes only as far as the prefix matches
+            return self.block_manager.num_cached_prefix_tokens(token_ids, request.cache_salt)
         keys = self.block_manager.block_keys(token_ids, request.cache_salt)
         num_blocks = len(self.block_manager.lookup_prefix(token_ids, request.cache_salt, keys))
-        if self._pending:
-            num_pending = 0
-            for key in keys:
-                if key not in self._pending:
-                    break
-                num_pending += 1
-            num_blocks = max(num_blocks, num_pending)
-        return num_blocks * self.block_manager.block_size
+        num_pending = 0
+        for key in keys:
+            if key not in self._pending:
+                break
+            num_pending += 1
+        return max(num_blocks, num_pending) * self.block_manager.block_size
 
     def _promise(self, request: Request) -> None:
         if request.output_token_ids or request.request_id in self._pending_keys:

@@ -72,6 +72,10 @@ class LiveRequest:
     sink: Callable[[RequestEvent], None] | None = None
     events: asyncio.Queue[RequestEvent] = field(default_factory=asyncio.Queue)
 
+    def __post_init__(self) -> None:
+        if self.sink is None:
+            self.sink = self.events.put_nowait
+
 
 class Fleet:
     def __init__(self, config: FleetConfig, clock: Callable[[], float] = time.monotonic,
@@ -257,8 +261,6 @@ class Fleet:
         decision = self.router.choose_worker(pool, request.num_prompt_tokens, self._loads(pool, request), sticky=sticky)
         metrics.observe_routed(decision)
         live = LiveRequest(request, self.loops[decision.worker], decision, sink)
-        if sink is None:
-            live.sink = live.events.put_nowait
         if not self.live:
             self._last_progress_s = now  # an idle fleet owes no tokens; the clock starts now
         self.live[request.request_id] = live

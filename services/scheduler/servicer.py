@@ -68,7 +68,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             while (batch := await session.next_batch()) is not None:
                 yield wire.deliveries_to_pb(batch)
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
-                raise reader.exception()  # a malformed message ends the stream with its status
+                raise reader.exception()  # a bug in the reader ends the stream with INTERNAL
         finally:
             reader.cancel()
             session.close()  # the stream ended, however: whatever still runs is aborted
@@ -85,10 +85,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     if self._draining:
                         session.refuse(sub, Unavailable("scheduler is draining"))
                     else:
-                        session.submit(sub, traceparent)
-        except SwitchyardError:
-            session.close()  # a malformed message: the stream cannot be trusted any more
-            raise
+                        session.submit(sub, traceparent)  # an admission error ends that request only
         finally:
             session.end_input()
 

@@ -73,10 +73,6 @@ class FrontDoorSession:
         self._ready = asyncio.Event()
         self.input_closed = False  # the front door sends nothing more; end once its requests have
 
-    @property
-    def num_live(self) -> int:
-        return len(self._live)
-
     def submit(self, sub: Submission, traceparent: str) -> None:
         """Admits a request; an admission error becomes its last (and only) event."""
         span, worker_traceparent = start_request_span(sub.request_id, traceparent)
