@@ -338,8 +338,16 @@ class Compose:
     def run(self, *rest: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run(self.args(*rest), env=self.env, timeout=timeout, check=check)
 
-    def ps(self) -> list[dict[str, object]]:
-        out = self.run("ps", "-a", "--format", "json").stdout.strip()
+    def ps(self) -> list[dict[str, object]] | None:
+        """The project's containers, or None when a container vanished while `ps` listed them: `up`
+        replaces containers as it goes (and a one-shot may be removed), so `ps` can list an id that
+        is gone by the time it inspects it — a snapshot taken mid-change, not an error."""
+        result = self.run("ps", "-a", "--format", "json", check=False)
+        if result.returncode != 0:
+            if "No such container" in (result.stdout or "") + (result.stderr or ""):
+                return None
+            raise HarnessError(f"docker compose ps exited {result.returncode}:\n{result.stderr[-3000:]}")
+        out = result.stdout.strip()
         if not out:
             return []
         if out.startswith("["):  # older Compose v2 printed one array
@@ -369,7 +377,10 @@ class Compose:
                     tail = (LOG_DIR / "compose-up.log").read_text(errors="replace")[-3000:]
                     raise HarnessError(f"docker compose up exited {up.returncode}:\n{tail}")
                 time.sleep(1)
-                states = {str(c["Service"]): c for c in self.ps()}
+                listed = self.ps()
+                if listed is None:
+                    continue  # the timeout above still bounds a listing that never settles
+                states = {str(c["Service"]): c for c in listed}
                 for name in services:
                     c = states.get(name)
                     if c is None or name in ready:
