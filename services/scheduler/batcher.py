@@ -31,6 +31,16 @@ computes exactly what was planned or the step fails whole (and the worker is res
 `take_all`), so the two views agree, and a `schedule()` made before the previous `update()` can
 never schedule the same tokens twice.
 
+Async scheduling: `schedule(lookahead=True)` plans step N+1 while step N is still on the worker,
+so the worker never waits for the scheduler. A request whose step N samples a token counts it as
+a placeholder (`num_output_placeholders`); step N+1 then decodes that token, which only the
+worker knows yet (it keeps each request's tokens), and `update()` for step N fills it in. The
+price is one wasted token when step N's token turns out to be a stop: the request is released at
+`update()`, and what step N+1 computed for it is dropped. `max_tokens` and `max_model_len` are
+known ahead, so no step is planned past them. A lookahead plan never preempts (that would throw
+away a token already in flight): when the pool runs short it schedules what fits and sets
+`short_of_blocks`, and the caller plans the next step only after the steps in flight are answered.
+
 Knobs (constructor arguments; nothing is read from the environment):
 - `max_model_len` — the model's context length; a request stops with LENGTH when it reaches it.
 - `eos_token_ids` — a sampled id from this set stops a request (STOP) unless it set `ignore_eos`.
@@ -111,6 +121,7 @@ class Batcher:
         self._pending_keys: dict[str, list[bytes]] = {}
         self._next_seq = 0
         self._next_step_id = 1  # 0 reads as "unset" on the wire
+        self.short_of_blocks = False  # the last lookahead plan left a request out for want of blocks
 
     # --- queries -----------------------------------------------------------------------------
     @property
@@ -129,7 +140,7 @@ class Batcher:
         because it attracts the requests that share it."""
         total = 0
         for r in self._requests.values():
-            remaining = r.num_tokens - r.num_computed_tokens
+            remaining = max(r.num_tokens - r.num_computed_tokens, 0)  # < 0 with a decode planned ahead
             if r.num_computed_tokens == 0:
                 remaining -= min(r.num_expected_cached_tokens, max(remaining - 1, 0))
             total += remaining
@@ -201,6 +212,7 @@ class Batcher:
         request.status = RequestStatus.WAITING
         request.finish_reason = None
         request.num_computed_tokens = 0
+        request.num_output_placeholders = 0  # tokens in flight on a worker it left are not coming
         self._requests[rid] = request
         self._keys[rid] = (-request.priority, request.arrival_s, self._next_seq)
         self._next_seq += 1
@@ -254,37 +266,61 @@ class Batcher:
         return taken
 
     # --- one step ----------------------------------------------------------------------------
-    def schedule(self) -> StepPlan:
+    def schedule(self, *, lookahead: bool = False) -> StepPlan:
+        """The next step. With `lookahead`, steps planned earlier may still be unanswered: a request
+        they sample for is decoded once more on the token they will return (see the module doc)."""
         budget = self.max_num_batched_tokens
         scheduled: dict[str, ScheduledNew | ScheduledCached] = {}
         num_preemptions = 0
+        self.short_of_blocks = False
+        wanted = {rid: self._num_wanted(r, lookahead) for rid, r in self._running.items()}
         # Decodes first: one token each, and a stalled decode stalls a stream the client watches.
-        order = sorted(self._running.values(),
-                       key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, self._keys[r.request_id]))
+        order = sorted(self._running.values(), key=lambda r: (wanted[r.request_id] > 1, self._keys[r.request_id]))
         for request in order:
             if budget <= 0:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this step
             rid = request.request_id
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(wanted[rid], budget)
             if num_new <= 0:
                 continue
-            while (added := self.block_manager.allocate_slots(rid, request.num_computed_tokens + num_new)) is None:
+            added = self.block_manager.allocate_slots(rid, request.num_computed_tokens + num_new)
+            if added is None and lookahead:
+                self.short_of_blocks = True  # the others still run; the next plan waits and may preempt
+                continue
+            while added is None:
                 victim = max(self._running.values(), key=lambda r: self._keys[r.request_id])
                 budget += self._preempt(victim, scheduled)
                 num_preemptions += 1
                 if victim is request:
                     break
+                added = self.block_manager.allocate_slots(rid, request.num_computed_tokens + num_new)
             if added is None:
                 continue
-            scheduled[rid] = ScheduledCached(rid, tuple(added), request.num_computed_tokens, num_new)
+            scheduled[rid] = ScheduledCached(rid, tuple(added), request.num_computed_tokens, num_new, request)
             request.num_computed_tokens += num_new
+            self._count_placeholder(request)
             budget -= num_new
         # After a preemption the pool is known to be short; admitting now would only thrash.
-        if not num_preemptions:
+        if not num_preemptions and not self.short_of_blocks:
             budget = self._admit(budget, scheduled)
         return self._make_plan(scheduled, num_preemptions)
+
+    def _num_wanted(self, request: Request, lookahead: bool) -> int:
+        """Tokens the request could compute in the next step."""
+        num_placeholders = request.num_output_placeholders
+        if num_placeholders and (
+                not lookahead
+                or len(request.output_token_ids) + num_placeholders >= request.max_tokens
+                or request.num_tokens + num_placeholders >= self.max_model_len):
+            return 0  # waits for the step in flight, or the token in flight is its last
+        return request.num_tokens + num_placeholders - request.num_computed_tokens
+
+    @staticmethod
+    def _count_placeholder(request: Request) -> None:
+        if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
+            request.num_output_placeholders += 1  # this step samples a token only the worker will know
 
     def _admit(self, budget: int, scheduled: dict[str, ScheduledNew | ScheduledCached]) -> int:
         block_size = self.block_manager.block_size
@@ -318,6 +354,7 @@ class Batcher:
             block_ids = tuple(self.block_manager.block_ids(rid))
             scheduled[rid] = ScheduledNew(request, block_ids, num_computed, num_new)
             request.num_computed_tokens = num_computed + num_new
+            self._count_placeholder(request)
             budget -= num_new
         return budget
 
@@ -354,6 +391,7 @@ class Batcher:
         self._done_computing(rid)
         victim.status = RequestStatus.WAITING
         victim.num_computed_tokens = 0
+        victim.num_output_placeholders = 0  # preemption happens only with no step in flight
         victim.num_preemptions += 1
         bisect.insort(self._waiting, (self._keys[rid], rid))
         return entry.num_scheduled_tokens if entry is not None else 0
@@ -362,10 +400,11 @@ class Batcher:
         by_id = {o.request_id: o for o in outputs}
         events: list[RequestEvent] = []
         for entry in (*plan.new_requests, *plan.cached_requests):
-            rid = entry.request.request_id if isinstance(entry, ScheduledNew) else entry.request_id
-            request = self._running.get(rid)
-            if request is None:
-                continue  # aborted, expired or taken while the step was in flight
+            request = entry.request
+            assert request is not None, "plans are made by schedule(), which links each entry to its request"
+            rid = request.request_id
+            if self._running.get(rid) is not request:
+                continue  # aborted, expired, finished or taken while the step was in flight
             output = by_id.get(rid)
             if output is not None and output.error:
                 self._release(request, FinishReason.ABORT)
@@ -375,6 +414,7 @@ class Batcher:
             if entry.num_computed_tokens + entry.num_scheduled_tokens < request.num_tokens:
                 self._publish(request)  # a prompt chunk: no logits were sampled
                 continue
+            request.num_output_placeholders -= 1
             if output is None or not output.token_ids:
                 self._release(request, FinishReason.ABORT)
                 events.append(RequestEvent(rid, (), (), FinishReason.ABORT, NO_TOKEN_ERROR))

@@ -71,6 +71,10 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
     p.add_argument("--max-num-seqs", type=int, default=env_int("SWITCHYARD_MAX_NUM_SEQS", 128, min_value=1))
     p.add_argument("--max-waiting-requests", type=int, default=env_int("SWITCHYARD_MAX_WAITING_REQUESTS", 1024, min_value=1))
     p.add_argument("--step-timeout-s", type=float, default=env_float("SWITCHYARD_STEP_TIMEOUT_S", 60.0))
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                   default=env_str("SWITCHYARD_ASYNC_SCHEDULING", "on") not in ("off", "0", "false", "no"),
+                   help="plan each worker's next step while it computes the current one; costs one "
+                        "wasted token per request that stops on a sampled token [SWITCHYARD_ASYNC_SCHEDULING=on|off]")
     p.add_argument("--load-weight", type=float, default=env_float("SWITCHYARD_ROUTER_LOAD_WEIGHT", 1.0))
     p.add_argument("--decode-cost-tokens", type=float, default=env_float("SWITCHYARD_ROUTER_DECODE_COST_TOKENS", 8.0))
     p.add_argument("--routing", default=env_str("SWITCHYARD_ROUTING", "cache_aware"),
@@ -131,7 +135,7 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
     fleet = FleetConfig(
         pools=pools, max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
         max_waiting_requests=a.max_waiting_requests, step_timeout_s=a.step_timeout_s,
-        load_weight=a.load_weight, decode_cost_tokens=a.decode_cost_tokens, routing=a.routing,
+        async_scheduling=a.async_scheduling, load_weight=a.load_weight, decode_cost_tokens=a.decode_cost_tokens, routing=a.routing,
         tls=tls_from_args(a), rollback=rollback, discovery_interval_s=a.discovery_interval_s,
     )
     return SchedulerConfig(host=a.host, port=a.port, metrics_port=a.metrics_port, fleet=fleet,

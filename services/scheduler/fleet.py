@@ -36,6 +36,7 @@ class FleetConfig:
     max_num_seqs: int = 128
     max_waiting_requests: int = 1024  # across the fleet; beyond it new requests get RESOURCE_EXHAUSTED
     step_timeout_s: float = 60.0
+    async_scheduling: bool = True  # plan step N+1 while the worker computes step N
     probe_interval_s: float = 1.0
     load_weight: float = 1.0
     decode_cost_tokens: float = 8.0
@@ -107,7 +108,7 @@ class Fleet:
             address, pool, on_events=self._deliver, on_down=self._on_worker_down,
             max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
             step_timeout_s=config.step_timeout_s, probe_interval_s=config.probe_interval_s, clock=self._clock,
-            tls=config.tls,
+            tls=config.tls, async_scheduling=config.async_scheduling,
         )
 
     async def start(self, wait_s: float = 0.0) -> None:

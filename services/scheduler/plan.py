@@ -7,7 +7,7 @@ is where the interface spec names them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.scheduler.request import FinishReason, Request, RequestError, TokenLogprob
 
@@ -34,6 +34,9 @@ class ScheduledCached:
     new_block_ids: tuple[int, ...]  # appended to the worker's block table
     num_computed_tokens: int  # before this step; the worker checks it against its own count
     num_scheduled_tokens: int
+    # The live object, so a reply is applied to the request that was planned and not to a later
+    # one that reused its id while the step was in flight.
+    request: Request | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,10 @@ class Request:
     trace_context: str = ""  # W3C traceparent of the request's scheduler span; workers link step spans to it
     # Mutable state, owned by the Batcher that holds the request.
     output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose K/V the worker has (or is writing in the step in flight)
+    num_computed_tokens: int = 0  # tokens whose K/V the worker has (or is writing in the steps in flight)
+    # Tokens the worker will have sampled in steps planned but not yet answered (async scheduling):
+    # a decode planned ahead inputs a token only the worker knows yet.
+    num_output_placeholders: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the FIRST placement (usage)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None

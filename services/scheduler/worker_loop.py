@@ -1,4 +1,4 @@
-"""One asyncio task per worker: schedule → Step → update → deliver events.
+"""One asyncio task per worker: schedule → Step → update → deliver events, one step ahead.
 
 The loop is the only code that touches its worker's Batcher while a step is planned, so the
 batcher needs no locks; gRPC handlers only call `submit`/`abort`, which are synchronous and take
@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import Callable
 
 import grpc
 from switchyard.worker.v1 import worker_pb2_grpc
 
 from services.scheduler import metrics, wire
-from services.scheduler.batcher import Batcher, RequestEvent, RequestOutput
+from services.scheduler.batcher import Batcher, RequestEvent, RequestOutput, StepPlan
 from services.scheduler.block_manager import BlockManager
 from services.scheduler.request import Request
 from services.scheduler.worker_spec import WorkerSpec
@@ -50,6 +51,7 @@ class WorkerLoop:
         probe_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         tls: TlsConfig | None = None,
+        async_scheduling: bool = True,
     ) -> None:
         self.address = address
         self.pool = pool
@@ -57,7 +59,8 @@ class WorkerLoop:
         self.batcher: Batcher | None = None
         self.up = False
         self.num_steps = 0
-        self.in_step = False  # a Step RPC is in flight (its plan was made before any abort that follows)
+        self.num_steps_in_flight = 0  # sent and not yet answered (their plans predate any later abort)
+        self._max_steps_in_flight = 2 if async_scheduling else 1
         self._on_events = on_events
         self._on_down = on_down
         self._on_up = on_up
@@ -162,22 +165,32 @@ class WorkerLoop:
     async def _run(self) -> None:
         batcher = self.batcher
         assert batcher is not None
-        # Events of the step just finished are handed to the request streams only after the next
-        # Step is on its way: the streams' writes (and the front door's detokenizing) then overlap the
-        # worker's compute instead of delaying it. The next plan is made from the updated batcher, so
-        # nothing is scheduled for a request that just finished.
+        # Async scheduling: up to `_max_steps_in_flight` steps are on the Steps stream at once, so
+        # the worker finds step N+1 waiting when it finishes step N and never idles while this loop
+        # reads the reply, updates the batcher and plans (the worker runs steps in order, one at a
+        # time). Events of an answered step are handed to the request streams just before the loop
+        # waits for the next reply, so the streams' writes (and the front door's detokenizing)
+        # overlap the worker's compute too.
+        in_flight: deque[StepPlan] = deque()
         held: list[RequestEvent] = []
         try:
             while not self._stopping:
-                if not self.up and not batcher.has_work():
+                if not self.up and not batcher.has_work() and not in_flight:
                     return  # drained or retired: probe for whatever process comes back on this address
                 self._wake.clear()
                 expired = batcher.expire(self._clock())
                 if expired:
                     self._on_events(expired)
-                plan = batcher.schedule()
-                metrics.observe_schedule(self, plan, self._clock())
-                if plan.is_empty:
+                # A lookahead plan never preempts: short of blocks, the steps in flight are answered first.
+                can_plan = len(in_flight) < self._max_steps_in_flight and not (in_flight and batcher.short_of_blocks)
+                plan = batcher.schedule(lookahead=bool(in_flight)) if can_plan else None
+                if plan is not None and not plan.is_empty:
+                    metrics.observe_schedule(self, plan, self._clock())
+                    await self._send(plan)
+                    in_flight.append(plan)
+                    if len(in_flight) < self._max_steps_in_flight:
+                        continue  # plan the next step while the worker computes this one
+                elif not in_flight:
                     held = self._hand_over(held)
                     timeout = IDLE_POLL_S if batcher.has_work() else None
                     try:
@@ -185,29 +198,31 @@ class WorkerLoop:
                     except TimeoutError:
                         pass
                     continue
-                now = self._clock()
-                for scheduled in plan.new_requests:
-                    if scheduled.request.first_scheduled_s is None:
-                        scheduled.request.first_scheduled_s = now
-                self.in_step = True
-                try:
-                    if self._steps is None:
-                        self._steps = self._stub.Steps()
-                    await self._steps.write(wire.plan_to_pb(plan))
-                    held = self._hand_over(held)
-                    outputs, draining = await self._read_reply(self._steps)
-                finally:
-                    self.in_step = False
+                held = self._hand_over(held)
+                outputs, draining = await self._read_reply(self._steps)
                 self.num_steps += 1
-                held = batcher.update(plan, outputs)
+                held = batcher.update(in_flight.popleft(), outputs)
+                self.num_steps_in_flight = len(in_flight)
                 if draining and self.up:
                     self._leave_pool(batcher)
         finally:
+            self.num_steps_in_flight = 0
             self._hand_over(held)  # a failed Step or a stop still delivers what the last one produced
 
-    async def _read_reply(self, steps: grpc.aio.StreamStreamCall) -> tuple[list[RequestOutput], bool]:
-        """The reply to the step just written, within the step timeout: outputs, and whether the
+    async def _send(self, plan: StepPlan) -> None:
+        now = self._clock()
+        for scheduled in plan.new_requests:
+            if scheduled.request.first_scheduled_s is None:
+                scheduled.request.first_scheduled_s = now
+        if self._steps is None:
+            self._steps = self._stub.Steps()
+        self.num_steps_in_flight += 1  # counted before the write: its plan predates any abort that follows
+        await self._steps.write(wire.plan_to_pb(plan))
+
+    async def _read_reply(self, steps: grpc.aio.StreamStreamCall | None) -> tuple[list[RequestOutput], bool]:
+        """The reply to the oldest step in flight, within the step timeout: outputs, and whether the
         worker is draining."""
+        assert steps is not None, "a reply is awaited only after a step was sent"
         timed_out = False
 
         def expire() -> None:

@@ -32,6 +32,9 @@ class RequestState:
     num_scheduled_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)  # prompt + output, kept for slicing
     trace_context: str = ""
+    # Its last sampling failed. The scheduler ends it when that reply arrives, but with async
+    # scheduling a step planned before then may still schedule it: such a step skips it.
+    failed: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -96,6 +99,8 @@ class Executor:
             old = remaining.get(cached.request_id)
             if old is None:
                 raise InvalidArgument(f"{field_name}.request_id: not held by this worker", field=field_name)
+            if old.failed:
+                continue
             if cached.num_computed_tokens is not None and cached.num_computed_tokens != old.num_computed_tokens:
                 raise InvalidArgument(
                     f"{field_name}.num_computed_tokens: scheduler says {cached.num_computed_tokens}, "
@@ -175,6 +180,7 @@ class Executor:
         results = []
         for state, sampled in zip(sampling_reqs, self.sampler.sample(logits, rows)):
             if sampled.error:
+                state.failed = True
                 results.append(RequestResult(state.request_id, (), (), sampled.error))
                 continue
             state.output_token_ids.append(sampled.token_id)

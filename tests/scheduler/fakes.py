@@ -11,7 +11,8 @@ failure via `PlanError`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from services.scheduler.batcher import Batcher, RequestEvent, RequestOutput, StepPlan
@@ -90,6 +91,7 @@ class FakeWorker:
 
     def reset(self) -> None:
         self.held: dict[str, _Held] = {}
+        self.failed: set[str] = set()  # their sampling failed: a step planned ahead skips them
         self.kv: dict[int, list[int | None]] = {}
         self.last_step_id = 0
 
@@ -99,6 +101,7 @@ class FakeWorker:
             if rid not in self.held:
                 raise PlanError(f"step {plan.step_id}: finished id {rid!r} is not held")
             del self.held[rid]
+            self.failed.discard(rid)
         scheduled: list[tuple[str, int]] = []
         for new in plan.new_requests:
             rid = new.request.request_id
@@ -116,6 +119,8 @@ class FakeWorker:
             held = self.held.get(cached.request_id)
             if held is None:
                 raise PlanError(f"step {plan.step_id}: cached request {cached.request_id!r} is not held")
+            if cached.request_id in self.failed:
+                continue
             if cached.num_computed_tokens != held.num_computed_tokens:
                 raise PlanError(f"{cached.request_id!r}: plan says {cached.num_computed_tokens} computed, "
                                 f"worker has {held.num_computed_tokens}")
@@ -186,6 +191,7 @@ class FakeWorker:
         if end < len(held.token_ids):
             return None
         if rid in self.fail_request_ids:
+            self.failed.add(rid)
             return RequestOutput(rid, (), (), error="sampler failed")
         last = self._slot(held, end - 1)
         assert last is not None
@@ -204,6 +210,23 @@ def make_pair(num_blocks: int = 64, block_size: int = 4, *, max_model_len: int =
     worker = FakeWorker(num_blocks, block_size, max_model_len=max_model_len,
                         max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
     return batcher, worker
+
+
+def lookahead_steps(batcher: Batcher, worker: FakeWorker) -> Iterator[list[RequestEvent]]:
+    """The service loop with async scheduling, as services/scheduler/worker_loop.py runs it: up to
+    two steps in flight, the next planned before the oldest is answered. The fake worker executes a
+    plan when it is sent; the batcher sees the outputs only at `update`. Yields each update's events."""
+    in_flight: deque[tuple[StepPlan, list[RequestOutput]]] = deque()
+    while batcher.has_work() or in_flight:
+        can_plan = len(in_flight) < 2 and not (in_flight and batcher.short_of_blocks)
+        plan = batcher.schedule(lookahead=bool(in_flight)) if can_plan else None
+        if plan is not None and not plan.is_empty:
+            in_flight.append((plan, worker.execute(plan)))
+            if len(in_flight) < 2:
+                continue
+        if not in_flight:
+            raise AssertionError("work is left but nothing can be scheduled")
+        yield batcher.update(*in_flight.popleft())
 
 
 def step(batcher: Batcher, worker: FakeWorker) -> tuple[StepPlan, list[RequestEvent]]:

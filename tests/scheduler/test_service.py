@@ -167,7 +167,7 @@ async def test_deadline_aborts_and_frees_blocks(tiny_model_dir) -> None:
         def settled() -> bool:  # the worker was told to drop it (finished ids sent), nothing left to do
             # A step planned before the abort may still be in flight; it is not "scheduled afterwards".
             loops = stack.fleet.loops.values()
-            return not stack.fleet.live and not any(l.batcher.has_work() or l.in_step for l in loops)
+            return not stack.fleet.live and not any(l.batcher.has_work() or l.num_steps_in_flight for l in loops)
 
         for _ in range(100):
             if settled():

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from services.scheduler.batcher import Batcher
+from collections import deque
+
+from services.scheduler.batcher import Batcher, RequestOutput, StepPlan
 from services.scheduler.request import ErrorKind, FinishReason, Request, RequestStatus
 from tests.scheduler.fakes import VOCAB_SIZE, greedy_tokens, make_pair, make_request
 
@@ -91,7 +93,7 @@ def check_blocks(batcher: Batcher, requests: dict[str, Request]) -> None:
             assert block_ids == [], f"{rid} holds blocks while {request.status}"
             continue
         assert len(block_ids) * manager.block_size >= request.num_computed_tokens
-        assert request.num_computed_tokens <= request.num_tokens
+        assert request.num_computed_tokens <= request.num_tokens + request.num_output_placeholders
         referenced.update(block_ids)
     # "used" means referenced by a live request, no more and no less.
     assert len(referenced) == manager.num_blocks_used
@@ -105,10 +107,13 @@ class Outcome:
     num_cached_tokens: int  # at first placements (what usage reports)
     num_hit_tokens: int  # prefix-cache hits over all placements, re-placements after preemption included
     num_take_all: int
+    num_decodes_ahead: int  # decodes planned on a token still in flight (lookahead only)
 
 
-def simulate(config: Config, arrivals: list[Arrival], *, chaos: bool) -> Outcome:
-    """Runs the workload to the end; `chaos` adds aborts, deadlines, worker errors and a dead worker."""
+def simulate(config: Config, arrivals: list[Arrival], *, chaos: bool, lookahead: bool = False) -> Outcome:
+    """Runs the workload to the end; `chaos` adds aborts, deadlines, worker errors and a dead worker.
+    With `lookahead` it runs like the worker loop with async scheduling: up to two steps in flight,
+    the next planned before the oldest is answered (the fake worker executes a plan when it is sent)."""
     batcher, worker = make_pair(config.num_blocks, config.block_size, max_model_len=MAX_MODEL_LEN,
                                 max_num_batched_tokens=config.max_num_batched_tokens,
                                 max_num_seqs=config.max_num_seqs, eos_token_ids=EOS_TOKEN_IDS,
@@ -117,11 +122,12 @@ def simulate(config: Config, arrivals: list[Arrival], *, chaos: bool) -> Outcome
     requests: dict[str, Request] = {}
     pending = list(arrivals)
     take_all_step = rng.randrange(20, 200) if chaos else -1
-    num_take_all = num_hit_tokens = 0
+    num_take_all = num_hit_tokens = num_decodes_ahead = 0
     if chaos:
         worker.fail_request_ids = {a.request_id for a in arrivals if a.worker_error}
+    in_flight: deque[tuple[StepPlan, list[RequestOutput]]] = deque()
     step = 0
-    while pending or batcher.has_work():
+    while pending or batcher.has_work() or in_flight:
         while pending and pending[0].step <= step:
             arrival = pending.pop(0)
             requests[arrival.request_id] = arrival.request()
@@ -138,19 +144,26 @@ def simulate(config: Config, arrivals: list[Arrival], *, chaos: bool) -> Outcome
                 assert event.finish_reason is FinishReason.ABORT and event.error.kind is ErrorKind.DEADLINE
         if step == take_all_step:  # the worker died; its requests come back to a restarted one
             worker.reset()
+            in_flight.clear()  # their replies are lost with the worker
             taken = batcher.take_all()
             assert batcher.block_manager.num_blocks_used == 0
             assert all(r.num_computed_tokens == 0 for r in taken)
             for request in taken:
                 batcher.add(request)
             num_take_all += 1
-        plan = batcher.schedule()
-        num_hit_tokens += sum(n.num_computed_tokens for n in plan.new_requests)
-        for rid in in_flight_aborts:
-            batcher.abort(rid)
-        outputs = worker.execute(plan)
-        for event in batcher.update(plan, outputs):
-            assert requests[event.request_id].status in (RequestStatus.RUNNING, RequestStatus.FINISHED)
+        can_plan = len(in_flight) < 1 + lookahead and not (in_flight and batcher.short_of_blocks)
+        plan = batcher.schedule(lookahead=bool(in_flight)) if can_plan else None
+        if plan is not None:
+            num_hit_tokens += sum(n.num_computed_tokens for n in plan.new_requests)
+            num_decodes_ahead += sum(c.num_computed_tokens == c.request.num_tokens for c in plan.cached_requests)
+            for rid in in_flight_aborts:
+                batcher.abort(rid)
+            if not (lookahead and plan.is_empty):
+                in_flight.append((plan, worker.execute(plan)))
+        # With lookahead, answer the oldest step only once the next is planned (or cannot be).
+        if in_flight and (len(in_flight) > lookahead or plan is None or plan.is_empty):
+            for event in batcher.update(*in_flight.popleft()):
+                assert requests[event.request_id].status in (RequestStatus.RUNNING, RequestStatus.FINISHED)
         check_blocks(batcher, requests)
         step += 1
         assert step < 50_000, "the simulation does not converge"
@@ -158,7 +171,8 @@ def simulate(config: Config, arrivals: list[Arrival], *, chaos: bool) -> Outcome
     assert worker.held == {}, "the worker still holds requests the scheduler forgot"
     assert all(r.status is RequestStatus.FINISHED for r in requests.values())
     return Outcome(requests, step, sum(r.num_preemptions for r in requests.values()),
-                   sum(r.num_cached_tokens for r in requests.values()), num_hit_tokens, num_take_all)
+                   sum(r.num_cached_tokens for r in requests.values()), num_hit_tokens, num_take_all,
+                   num_decodes_ahead)
 
 
 CONFIGS = [
@@ -175,16 +189,18 @@ CONFIGS = [
 TOTALS: dict[str, int] = {}
 
 
+@pytest.mark.parametrize("lookahead", [False, True], ids=["sync", "lookahead"])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"seed{c.seed}")
-def test_random_workload_is_consistent_and_matches_a_preemption_free_run(config: Config) -> None:
+def test_random_workload_is_consistent_and_matches_a_preemption_free_run(config: Config, lookahead: bool) -> None:
     arrivals = make_workload(config)
-    outcome = simulate(config, arrivals, chaos=True)
+    outcome = simulate(config, arrivals, chaos=True, lookahead=lookahead)
     big = Config(config.seed, config.num_requests, config.block_size, num_blocks=10_000,
                  max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=10_000)
     reference = simulate(big, arrivals, chaos=False)
     assert reference.num_preemptions == 0
     assert outcome.num_preemptions > 0, "the pool was meant to be small enough to force preemptions"
     assert outcome.num_take_all == 1
+    assert (outcome.num_decodes_ahead > 0) is lookahead
     if config.enable_prefix_caching:
         assert outcome.num_cached_tokens > 0 and outcome.num_hit_tokens > 0
     num_compared = 0

@@ -107,3 +107,27 @@ async def test_info_reports_the_null_backend(null_runner: NullModelRunner) -> No
     assert (info.vocab_size, info.max_model_len, info.num_blocks) == (
         null_runner.spec.vocab_size, null_runner.spec.max_model_len, null_runner.num_blocks)
     assert list(info.eos_token_ids) == list(null_runner.spec.eos_token_ids)
+
+
+def test_a_request_whose_sampling_failed_is_skipped_by_a_step_planned_ahead(
+        null_runner: NullModelRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With async scheduling the scheduler plans step 2 before it reads step 1's reply, so step 2
+    # may still decode a request whose sampling failed in step 1: the worker skips it rather than
+    # refusing the whole step (which would fail every other request in it).
+    executor = Executor(null_runner)
+    forward = null_runner.forward
+
+    def poison_first_row(*args: object) -> object:
+        logits = forward(*args).clone()  # an inference tensor is read-only outside inference mode
+        logits[0] = float("nan")
+        return logits
+
+    monkeypatch.setattr(null_runner, "forward", poison_first_row)
+    first = executor.execute(StepInput(1, new_requests=(_new("bad", (1, 2), (1,), 2), _new("ok", (5, 6), (2,), 2))))
+    assert [(o.request_id, o.token_ids, bool(o.error)) for o in first.outputs] == [("bad", (), True), ("ok", (7,), False)]
+    monkeypatch.setattr(null_runner, "forward", forward)
+    ahead = executor.execute(StepInput(2, cached_requests=(CachedRequestData("bad", (), 1, num_computed_tokens=2),
+                                                           CachedRequestData("ok", (), 1, num_computed_tokens=2))))
+    assert [(o.request_id, o.token_ids) for o in ahead.outputs] == [("ok", (8,))]
+    executor.execute(StepInput(3, finished_request_ids=("bad",)))
+    assert set(executor.requests) == {"ok"}
