@@ -28,13 +28,13 @@ from bench.workload import Workload, WorkloadRequest
 from services.scheduler.batcher import Batcher
 from services.scheduler.block_manager import BlockManager
 from services.scheduler.plan import RequestOutput, StepPlan
-from services.scheduler.request import Request, TokenLogprob, WorkerSampling
+from services.scheduler.request import Request, TokenLogprob
 from services.worker.executor import Executor
 from services.worker.sampler import SamplingParams
 from services.worker.step import CachedRequestData, NewRequestData, StepInput, StepResult
 from shared.errors import SwitchyardError
 
-GREEDY = WorkerSampling(temperature=0.0)
+GREEDY = SamplingParams(temperature=0.0)
 _WARMUP_ID = "__warmup__"
 
 
@@ -84,15 +84,6 @@ class Admission:
         return self.t0 + self._pending[0].arrival_s
 
 
-def _sampling_params(s: WorkerSampling) -> SamplingParams:
-    return SamplingParams(
-        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-        repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
-        frequency_penalty=s.frequency_penalty, seed=s.seed, return_logprobs=s.return_logprobs,
-        num_logprobs=s.num_logprobs,
-    )
-
-
 def plan_to_step(plan: StepPlan) -> StepInput:
     """The scheduler's StepPlan as the worker's StepInput: what `wire.plan_to_pb` + the worker's
     `wire.step_from_pb` do through protobuf, without it. Token lists are copied (the batcher keeps
@@ -104,7 +95,7 @@ def plan_to_step(plan: StepPlan) -> StepInput:
                 request_id=n.request.request_id,
                 prompt_token_ids=tuple(n.request.prompt_token_ids),
                 output_token_ids=tuple(n.request.output_token_ids),
-                sampling=_sampling_params(n.request.sampling),
+                sampling=n.request.sampling,  # one SamplingParams on both sides
                 block_ids=tuple(n.block_ids),
                 num_computed_tokens=n.num_computed_tokens,
                 num_scheduled_tokens=n.num_scheduled_tokens,
@@ -151,9 +142,8 @@ def make_runner(model_dir: str | Path, *, null_model: bool = False, num_blocks: 
 def _warm_up(executor: Executor, prompt: Sequence[int]) -> None:
     """One prefill and one decode outside the timed run: torch's lazy start is not what we measure.
     The request is dropped at the end, so the executor is empty when the batcher takes over."""
-    greedy = _sampling_params(GREEDY)
     num_blocks = -(-(len(prompt) + 1) // executor.runner.block_size)
-    new = NewRequestData(_WARMUP_ID, tuple(prompt), (), greedy, tuple(range(1, 1 + num_blocks)), 0, len(prompt))
+    new = NewRequestData(_WARMUP_ID, tuple(prompt), (), GREEDY, tuple(range(1, 1 + num_blocks)), 0, len(prompt))
     executor.execute(StepInput(1, new_requests=(new,)))
     executor.execute(StepInput(2, cached_requests=(CachedRequestData(_WARMUP_ID, (), 1, len(prompt)),)))
     executor.execute(StepInput(3, finished_request_ids=(_WARMUP_ID,)))

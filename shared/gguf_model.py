@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -225,12 +224,6 @@ class GgufModel:
                                        f"unexpected {sorted(unexpected)[:3]}")
         model.tie_weights()
         return model.to(dtype or torch.float32).eval()
-
-    @cached_property
-    def tokenizer(self):  # noqa: ANN201 (transformers type)
-        from shared.gguf_tokenizer import build_tokenizer  # noqa: PLC0415
-
-        return build_tokenizer(self)
 
 
 def _opt_int(value: Any) -> int | None:

@@ -1,4 +1,5 @@
-"""The sampling-field rules both the front door and the scheduler enforce.
+"""The sampling-field rules both the front door and the scheduler enforce, and the two shapes
+sampling takes: `SamplingFields` as a client sent them, `SamplingParams` resolved for a worker.
 
 Each service validates on its own (the scheduler has callers other than the front door), but the
 rules and their messages are one set, so a client hears the same refusal from either.
@@ -13,6 +14,8 @@ from typing import Any
 from shared.errors import InvalidArgument
 
 MAX_NUM_LOGPROBS = 20
+# Below this a temperature counts as greedy: dividing logits by it can overflow float32 to inf.
+GREEDY_TEMPERATURE = 1e-5
 # The optional scalars of the public SamplingParams, in proto order (unset on the wire is None here).
 SCALAR_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "seed", "ignore_eos", "logprobs")
@@ -76,3 +79,48 @@ def check_sampling_scalars(s: Any) -> None:
             "sampling.seed", f"must be a 64-bit signed integer, in [{INT64_MIN}, {INT64_MAX}], got {s.seed}")
     require(s.logprobs is None or 0 <= s.logprobs <= MAX_NUM_LOGPROBS,
             "sampling.logprobs", f"must be in [0, {MAX_NUM_LOGPROBS}], got {s.logprobs}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens, resolved to concrete values: what the scheduler sends a
+    worker and the worker's sampler reads (one shape on both sides of the Step contract); defaults
+    are the OpenAI ones (plain sampling)."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # 1 = off; over prompt + output tokens (HF/vLLM semantics)
+    presence_penalty: float = 0.0  # over output tokens (OpenAI semantics)
+    frequency_penalty: float = 0.0  # over output tokens, per occurrence (OpenAI semantics)
+    seed: int | None = None
+    return_logprobs: bool = False
+    num_logprobs: int = 0  # top-n alternatives returned with each token
+
+    def __post_init__(self) -> None:
+        # Only what would break the math; the scheduler owns user-facing validation.
+        checks = (
+            ("temperature", "a finite number >= 0",
+             math.isfinite(self.temperature) and self.temperature >= 0),
+            ("top_k", "an integer >= 0", self.top_k >= 0),
+            ("top_p", "in (0, 1]", 0 < self.top_p <= 1),
+            ("min_p", "in [0, 1]", 0 <= self.min_p <= 1),
+            ("repetition_penalty", "a finite number > 0",
+             math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0),
+            ("presence_penalty", "finite", math.isfinite(self.presence_penalty)),
+            ("frequency_penalty", "finite", math.isfinite(self.frequency_penalty)),
+            ("num_logprobs", f"in [0, {MAX_NUM_LOGPROBS}]", 0 <= self.num_logprobs <= MAX_NUM_LOGPROBS),
+        )
+        for name, rule, ok in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.scheduler.request import Request, WorkerSampling
+from services.scheduler.request import Request
+from shared.sampling_rules import SamplingParams
 from shared.errors import InvalidArgument
 from shared.sampling_rules import SamplingFields, check_sampling_scalars
 
@@ -45,12 +46,12 @@ def _check(ok: bool, field: str, message: str) -> None:
         raise InvalidArgument(message, field=field)
 
 
-def resolve_sampling(s: ClientSampling, vocab_size: int) -> tuple[WorkerSampling, int]:
+def resolve_sampling(s: ClientSampling, vocab_size: int) -> tuple[SamplingParams, int]:
     """Validates the client's sampling fields; returns the worker's sampling and max_tokens."""
     check_sampling_scalars(s)
     bad_stop = [t for t in s.stop_token_ids if not 0 <= t < vocab_size]
     _check(not bad_stop, "sampling.stop_token_ids", f"ids must be in [0, {vocab_size}), got {bad_stop[:5]}")
-    sampling = WorkerSampling(
+    sampling = SamplingParams(
         temperature=1.0 if s.temperature is None else s.temperature,
         top_k=s.top_k or 0,
         top_p=1.0 if s.top_p is None else s.top_p,

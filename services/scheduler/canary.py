@@ -76,6 +76,21 @@ class Rollback:
 
 
 @dataclass(frozen=True)
+class PoolView:
+    """One pool for operators (the admin RPC): configuration, members and rollback state."""
+
+    name: str
+    version: str
+    weight: float
+    dns: str
+    worker_addresses: tuple[str, ...]
+    num_workers_up: int
+    rolled_back: bool
+    rollback_reason: str
+    window: WindowStats
+
+
+@dataclass(frozen=True)
 class _Outcome:
     at_s: float
     failed: bool

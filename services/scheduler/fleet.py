@@ -18,7 +18,7 @@ from typing import Awaitable, Callable, Sequence
 from services.scheduler import metrics
 from services.scheduler.admission import ModelLimits, Submission, build_request
 from services.scheduler.batcher import RequestEvent
-from services.scheduler.canary import RollbackGuard, RollbackPolicy, WindowStats
+from services.scheduler.canary import PoolView, RollbackGuard, RollbackPolicy
 from services.scheduler.discovery import DnsTarget, diff, resolve
 from services.scheduler.request import ErrorKind, FinishReason, Request, RequestError
 from services.scheduler.router import PoolConfig, Router, RoutingDecision, WorkerLoad
@@ -46,21 +46,6 @@ class FleetConfig:
     rollback: RollbackPolicy = RollbackPolicy()
     discovery_interval_s: float = 5.0  # how often pools with `dns` are resolved again
     rollback_check_interval_s: float = 1.0  # how often the pools' windows are judged
-
-
-@dataclass(frozen=True)
-class PoolView:
-    """One pool for operators (the admin RPC): configuration, members and rollback state."""
-
-    name: str
-    version: str
-    weight: float
-    dns: str
-    worker_addresses: tuple[str, ...]
-    num_workers_up: int
-    rolled_back: bool
-    rollback_reason: str
-    window: WindowStats
 
 
 @dataclass

@@ -17,19 +17,49 @@ side in one process (tests) share them, told apart by their worker label.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.scheduler.canary import Rollback
+from services.scheduler.batcher import Batcher
+from services.scheduler.canary import Rollback, RollbackGuard
 from services.scheduler.plan import RequestEvent, StepPlan
-from services.scheduler.request import RequestError
-from services.scheduler.router import RoutingDecision
+from services.scheduler.request import Request, RequestError
+from services.scheduler.router import Router, RoutingDecision
 from shared.telemetry import LATENCY_BUCKETS_S
 
-if TYPE_CHECKING:  # fleet.py and worker_loop.py import this module; only types flow back
-    from services.scheduler.fleet import Fleet, LiveRequest
-    from services.scheduler.worker_loop import WorkerLoop
+
+# What the hooks read of the objects that call them. fleet.py and worker_loop.py import this module,
+# so it names their classes only through these shapes and imports neither (no cycle, not even for
+# the type checker).
+class WorkerLoop(Protocol):
+    @property
+    def pool(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def up(self) -> bool: ...
+    @property
+    def batcher(self) -> Batcher | None: ...
+
+
+class LiveRequest(Protocol):
+    @property
+    def request(self) -> Request: ...
+    @property
+    def decision(self) -> RoutingDecision: ...
+    @property
+    def worker(self) -> WorkerLoop: ...
+
+
+class Fleet(Protocol):
+    @property
+    def loops(self) -> Mapping[str, WorkerLoop]: ...
+    @property
+    def router(self) -> Router: ...
+    @property
+    def guard(self) -> RollbackGuard: ...
 
 _LABELS = ("pool", "worker")
 

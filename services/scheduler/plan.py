@@ -1,4 +1,5 @@
-"""The values that cross the Batcher's boundary: a step's plan, the worker's outputs, stream events.
+"""The values that cross the Batcher's boundary: a step's plan, the worker's outputs, stream events
+(and the Delivery a front door's stream carries).
 
 They live apart from the Batcher so that `wire.py` (the only protobuf code) and the tests can
 depend on plain frozen values without the scheduling logic; `batcher.py` re-exports them, which
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.scheduler.request import FinishReason, Request, RequestError, TokenLogprob
+from shared.errors import SwitchyardError
 
 
 @dataclass(frozen=True)
@@ -81,3 +83,14 @@ class RequestEvent:
         """This event followed by `later` as one: a stream that fell behind sends one message, not two."""
         return RequestEvent(self.request_id, self.token_ids + later.token_ids, self.logprobs + later.logprobs,
                             later.finish_reason, later.error)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One event as it goes down the stream, with the request's counts at the time it was made."""
+
+    event: RequestEvent
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    error: SwitchyardError | None = None  # set on a last event that ends the request with an error

@@ -3,13 +3,15 @@
 The scheduler keeps the only authoritative copy of a request's tokens: the worker holds a mirror
 that may be dropped at any time (preemption, a dead worker), so everything needed to send the
 request again in full — prompt, tokens generated so far, resolved sampling — lives here. Sampling
-arrives already resolved to concrete values (`WorkerSampling`) so no default is applied twice.
+arrives already resolved to concrete values (`SamplingParams`) so no default is applied twice.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+
+from shared.sampling_rules import SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -51,22 +53,6 @@ class RequestError:
 
 
 @dataclass(frozen=True)
-class WorkerSampling:
-    """What the worker's SamplingParams need, resolved to concrete values."""
-
-    temperature: float = 1.0  # 0 is greedy
-    top_k: int = 0  # 0 disables
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    return_logprobs: bool = False
-    num_logprobs: int = 0  # top alternatives per token
-
-
-@dataclass(frozen=True)
 class TokenLogprob:
     logprob: float
     top_token_ids: tuple[int, ...]
@@ -77,7 +63,7 @@ class TokenLogprob:
 class Request:
     request_id: str
     prompt_token_ids: list[int]
-    sampling: WorkerSampling
+    sampling: SamplingParams
     max_tokens: int
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from dataclasses import replace
 from collections.abc import AsyncIterator
 
 import grpc
@@ -26,18 +24,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self, server)
-        return [pb.DESCRIPTOR.services_by_name["Scheduler"].full_name]
+        return [wire.SCHEDULER_SERVICE]
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TokenEvent]:
         if self._draining:
             raise Unavailable("scheduler is draining")
-        if not request.request_id:
-            request.request_id = uuid.uuid4().hex
-        span, traceparent = start_request_span(request.request_id)
+        sub = wire.submission_from_pb(request, context.time_remaining())
+        span, traceparent = start_request_span(sub.request_id)
         live = None
         finish_reason, error = "abort", CANCELLED
         try:
-            live = self._fleet.submit(wire.submission_from_pb(request, context.time_remaining()), traceparent)
+            live = self._fleet.submit(sub, traceparent)
             finished = False
             while not finished:
                 event = await live.events.get()
@@ -80,8 +77,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 for request_id in msg.abort_request_ids:
                     session.abort(request_id)
                 for sub, traceparent in wire.submissions_from_pb(msg):
-                    if not sub.request_id:
-                        sub = replace(sub, request_id=uuid.uuid4().hex)
                     if self._draining:
                         session.refuse(sub, Unavailable("scheduler is draining"))
                     else:
@@ -90,7 +85,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             session.end_input()
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        return pb.AbortResponse(found=self._fleet.abort(request.request_id))
+        return wire.abort_response_to_pb(self._fleet.abort(request.request_id))
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.SchedulerStats:
         workers = []
@@ -121,7 +116,7 @@ class AdminServicer(scheduler_pb2_grpc.SchedulerAdminServicer):
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         scheduler_pb2_grpc.add_SchedulerAdminServicer_to_server(self, server)
-        return [pb.DESCRIPTOR.services_by_name["SchedulerAdmin"].full_name]
+        return [wire.ADMIN_SERVICE]
 
     async def ListPools(self, request: pb.ListPoolsRequest, context: grpc.aio.ServicerContext) -> pb.ListPoolsResponse:
         policy = self._fleet.config.rollback

@@ -15,13 +15,12 @@ the front door went away or shut down) aborts whatever is still running, which f
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 from opentelemetry.trace import Span
 
 from services.scheduler import metrics
 from services.scheduler.admission import Submission
-from services.scheduler.batcher import RequestEvent
+from services.scheduler.plan import Delivery, RequestEvent
 from services.scheduler.fleet import Fleet, LiveRequest
 from services.scheduler.request import ErrorKind, FinishReason, RequestError
 from services.scheduler.tracing import end_request_span, start_request_span
@@ -29,17 +28,6 @@ from shared.errors import DeadlineExceeded, SwitchyardError, Unavailable
 
 CLOSED = RequestError(ErrorKind.CANCELLED, "cancelled: the front door's stream closed")
 CANCELLED = RequestError(ErrorKind.CANCELLED, "cancelled")
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One event as it goes down the stream, with the request's counts at the time it was made."""
-
-    event: RequestEvent
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    num_output_tokens: int
-    error: SwitchyardError | None = None  # set on a last event that ends the request with an error
 
 
 def error_for(error: RequestError) -> SwitchyardError:

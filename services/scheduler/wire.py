@@ -3,23 +3,21 @@ side, the worker's Step contract on the other."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import uuid
 
 from switchyard.api.v1 import generation_pb2 as api_pb
 from switchyard.scheduler.v1 import scheduler_pb2 as pb
 from switchyard.worker.v1 import worker_pb2 as worker_pb
 
 from services.scheduler.admission import ClientSampling, Submission
-from services.scheduler.batcher import RequestEvent, RequestOutput, StepPlan
-from services.scheduler.request import FinishReason, Request, TokenLogprob, WorkerSampling
+from services.scheduler.canary import PoolView
+from services.scheduler.plan import Delivery, RequestEvent, RequestOutput, StepPlan
+from services.scheduler.request import FinishReason, Request, TokenLogprob
 from services.scheduler.worker_spec import WorkerSpec
 from shared.errors import ResourceExhausted
 from shared.grpc_errors import status_code_for
-from shared.sampling_rules import SCALAR_FIELDS
+from shared.sampling_rules import SCALAR_FIELDS, SamplingParams
 
-if TYPE_CHECKING:  # fleet.py imports worker_loop.py, which imports this module
-    from services.scheduler.fleet import PoolView
-    from services.scheduler.session import Delivery
 
 _FINISH_TO_PB = {
     None: api_pb.FINISH_REASON_UNSPECIFIED,
@@ -36,7 +34,7 @@ def client_sampling_from_pb(s: api_pb.SamplingParams) -> ClientSampling:
 
 def submission_from_pb(msg: pb.GenerateRequest, timeout_s: float | None) -> Submission:
     return Submission(
-        request_id=msg.request_id,
+        request_id=msg.request_id or uuid.uuid4().hex,  # a backend may leave the id to us
         prompt_token_ids=tuple(msg.prompt_token_ids),
         sampling=client_sampling_from_pb(msg.sampling),
         session_id=msg.session_id,
@@ -91,13 +89,8 @@ def event_to_pb(event: RequestEvent, request: Request) -> pb.TokenEvent:
     )
 
 
-def _sampling_to_worker(s: WorkerSampling) -> worker_pb.SamplingParams:
-    return worker_pb.SamplingParams(
-        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-        repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
-        frequency_penalty=s.frequency_penalty, seed=s.seed, num_logprobs=s.num_logprobs,
-        return_logprobs=s.return_logprobs,
-    )
+def _sampling_to_worker(s: SamplingParams) -> worker_pb.SamplingParams:
+    return worker_pb.SamplingParams(**vars(s))  # the dataclass's fields are the message's, by name
 
 
 def plan_to_pb(plan: StepPlan) -> worker_pb.StepRequest:
@@ -144,6 +137,14 @@ def outputs_from_pb(msg: worker_pb.StepResponse) -> list[RequestOutput]:
 def step_reply_from_pb(msg: worker_pb.StepResponse) -> tuple[list[RequestOutput], bool]:
     """A step's outputs, and whether the worker said it is draining."""
     return outputs_from_pb(msg), msg.draining
+
+
+SCHEDULER_SERVICE = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
+ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["SchedulerAdmin"].full_name
+
+
+def abort_response_to_pb(found: bool) -> pb.AbortResponse:
+    return pb.AbortResponse(found=found)
 
 
 INFO_REQUEST = worker_pb.InfoRequest()

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from services.tokenizer.detokenizer import Decoder
 from shared.gguf_model import GgufModel, is_gguf_path
+from shared.gguf_tokenizer import build_tokenizer
 
 
 class Codec:
@@ -21,7 +22,7 @@ class Codec:
         self.model_dir = Path(model_dir)
         if is_gguf_path(self.model_dir):
             gguf = GgufModel(self.model_dir)  # validates first: a bad file is one GgufError line
-            self.tokenizer: PreTrainedTokenizerBase = gguf.tokenizer
+            self.tokenizer: PreTrainedTokenizerBase = build_tokenizer(gguf)
             self.max_model_len = gguf.config.max_position_embeddings
             self.vocab_size = gguf.config.vocab_size
         else:

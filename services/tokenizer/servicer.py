@@ -11,9 +11,8 @@ from switchyard.api.v1 import generation_pb2 as pb
 from switchyard.api.v1 import generation_pb2_grpc
 
 from services.tokenizer import metrics, wire
-from services.tokenizer.api_types import ChatMessage
 from services.tokenizer.frontend import Frontend
-from shared.errors import InvalidArgument, Unavailable
+from shared.errors import Unavailable
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
@@ -28,16 +27,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         generation_pb2_grpc.add_GenerationServicer_to_server(self, server)
-        return [pb.DESCRIPTOR.services_by_name["Generation"].full_name]
+        return [wire.GENERATION_SERVICE]
 
     @metrics.track_grpc
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         if self.draining:
             raise Unavailable("front door is draining")
-        size = request.ByteSize()
-        if size > self._max_request_bytes:
-            raise InvalidArgument(f"request is {size} bytes, over the {self._max_request_bytes}-byte cap", field="request")
-        inp = wire.generate_input_from_pb(request, context.time_remaining())
+        inp = wire.generate_input_from_pb(request, context.time_remaining(), self._max_request_bytes)
         self._num_live += 1
         self._idle.clear()
         try:
@@ -55,16 +51,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         await self._idle.wait()
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        which = request.WhichOneof("input")
-        if which is None:
-            raise InvalidArgument("give prompt or messages", field="prompt")
-        messages = None
-        if which == "messages":
-            messages = [ChatMessage(m.role, m.content) for m in request.messages.messages]
-        ids = self._frontend.tokenize(request.prompt if which == "prompt" else None, messages,
-                                      add_special_tokens=request.add_special_tokens)
-        return pb.TokenizeResponse(token_ids=ids, num_tokens=len(ids))
+        prompt, messages, add_special_tokens = wire.tokenize_input_from_pb(request)
+        ids = self._frontend.tokenize(prompt, messages, add_special_tokens=add_special_tokens)
+        return wire.tokenize_response_to_pb(ids)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        return pb.ModelInfo(model=self._frontend.model_name, max_model_len=self._frontend.max_model_len,
-                            vocab_size=self._frontend.vocab_size, version=self._version)
+        return wire.model_info_to_pb(self._frontend.model_name, self._frontend.max_model_len,
+                                     self._frontend.vocab_size, self._version)

@@ -9,7 +9,7 @@ from switchyard.scheduler.v1 import scheduler_pb2 as sched_pb
 from services.tokenizer.api_types import (
     ChatMessage, GenerateChunk, GenerateInput, SamplingInput, SchedulerEvent, TokenLogprob,
 )
-from shared.errors import SwitchyardError
+from shared.errors import InvalidArgument, SwitchyardError
 from shared.grpc_errors import error_from_status, status_from_number
 from shared.sampling_rules import SCALAR_FIELDS
 
@@ -32,7 +32,13 @@ def sampling_to_pb(s: SamplingInput) -> api_pb.SamplingParams:
     return api_pb.SamplingParams(**scalars, stop=s.stop, stop_token_ids=s.stop_token_ids)
 
 
-def generate_input_from_pb(msg: api_pb.GenerateRequest, timeout_s: float | None) -> GenerateInput:
+GENERATION_SERVICE = api_pb.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+def generate_input_from_pb(msg: api_pb.GenerateRequest, timeout_s: float | None,
+                           max_request_bytes: int | None = None) -> GenerateInput:
+    if max_request_bytes is not None and (size := msg.ByteSize()) > max_request_bytes:
+        raise InvalidArgument(f"request is {size} bytes, over the {max_request_bytes}-byte cap", field="request")
     which = msg.WhichOneof("input")
     return GenerateInput(
         request_id=msg.request_id,
@@ -45,6 +51,24 @@ def generate_input_from_pb(msg: api_pb.GenerateRequest, timeout_s: float | None)
         priority=msg.priority,
         timeout_s=timeout_s,
     )
+
+
+def tokenize_input_from_pb(msg: api_pb.TokenizeRequest) -> tuple[str | None, list[ChatMessage] | None, bool]:
+    """(prompt, messages, add_special_tokens): exactly one of the first two is set."""
+    which = msg.WhichOneof("input")
+    if which is None:
+        raise InvalidArgument("give prompt or messages", field="prompt")
+    if which == "messages":
+        return None, [ChatMessage(m.role, m.content) for m in msg.messages.messages], msg.add_special_tokens
+    return msg.prompt, None, msg.add_special_tokens
+
+
+def tokenize_response_to_pb(token_ids: list[int]) -> api_pb.TokenizeResponse:
+    return api_pb.TokenizeResponse(token_ids=token_ids, num_tokens=len(token_ids))
+
+
+def model_info_to_pb(model: str, max_model_len: int, vocab_size: int, version: str) -> api_pb.ModelInfo:
+    return api_pb.ModelInfo(model=model, max_model_len=max_model_len, vocab_size=vocab_size, version=version)
 
 
 def chunk_to_pb(chunk: GenerateChunk) -> api_pb.GenerateResponse:

@@ -19,9 +19,10 @@ CALIBRATION_TEXT = Path(__file__).with_name("data") / "calibration.txt"
 def tokenizer_for(model_dir: str | Path):  # noqa: ANN201 (a transformers tokenizer)
     """The model's own tokenizer: its tokenizer files, or the vocabulary inside its GGUF."""
     from shared.gguf_model import GgufModel, is_gguf_path  # noqa: PLC0415
+    from shared.gguf_tokenizer import build_tokenizer  # noqa: PLC0415
 
     if is_gguf_path(model_dir):
-        return GgufModel(model_dir).tokenizer()
+        return build_tokenizer(GgufModel(model_dir))
     from transformers import AutoTokenizer  # noqa: PLC0415 (slow import)
 
     return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from shared.gguf_model import GgufModel
+from shared.gguf_tokenizer import build_tokenizer
 
 CHECK_QUESTION = "What is the capital of France?"
 
@@ -37,7 +38,7 @@ def write_model_dir(gguf_path: Path, out_dir: Path, source: str, license_name: s
         bos_token_id=c.bos_token_id, eos_token_id=list(c.eos_token_ids), pad_token_id=c.pad_token_id,
         do_sample=False,
     )
-    tokenizer = gguf.tokenizer
+    tokenizer = build_tokenizer(gguf)
     _log(f"saving to {out_dir}")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

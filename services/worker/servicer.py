@@ -55,7 +55,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         worker_pb2_grpc.add_WorkerServicer_to_server(self, server)
-        return [pb.DESCRIPTOR.services_by_name["Worker"].full_name]
+        return [wire.WORKER_SERVICE]
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.WorkerInfo:
         if self._draining:
@@ -97,7 +97,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if self._draining:
             raise Unavailable("worker is shutting down")
         async with self._lock:
-            return pb.ResetResponse(num_dropped_requests=self._executor.reset())
+            return wire.reset_response_to_pb(self._executor.reset())
 
     async def drain(self) -> None:
         """Serves the requests it holds to their end (the server's grace bounds this), then waits

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.worker.sampler import SamplingParams
+from shared.sampling_rules import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from switchyard.worker.v1 import worker_pb2 as pb
 
 from services.worker.model_runner import ModelSpec
-from services.worker.sampler import SamplingParams
+from shared.sampling_rules import SamplingParams
 from services.worker.step import CachedRequestData, NewRequestData, StepInput, StepResult
 from shared.errors import InvalidArgument
 
@@ -34,12 +34,7 @@ def _sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
 
 
 def sampling_to_pb(params: SamplingParams) -> pb.SamplingParams:
-    return pb.SamplingParams(
-        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
-        repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
-        frequency_penalty=params.frequency_penalty, seed=params.seed,
-        num_logprobs=params.num_logprobs, return_logprobs=params.return_logprobs,
-    )
+    return pb.SamplingParams(**vars(params))  # the dataclass's fields are the message's, by name
 
 
 def step_from_pb(msg: pb.StepRequest) -> StepInput:
@@ -113,6 +108,13 @@ def result_to_pb(result: StepResult, *, draining: bool = False) -> pb.StepRespon
             for o in result.outputs
         ],
     )
+
+
+WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
+
+
+def reset_response_to_pb(num_dropped_requests: int) -> pb.ResetResponse:
+    return pb.ResetResponse(num_dropped_requests=num_dropped_requests)
 
 
 def info_to_pb(spec: ModelSpec, *, block_size: int, num_blocks: int, version: str, device: str,

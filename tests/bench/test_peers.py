@@ -64,13 +64,14 @@ def test_plan_to_step_matches_the_protobuf_round_trip() -> None:
     from services.scheduler import wire as scheduler_wire  # noqa: PLC0415
     from services.scheduler.batcher import Batcher  # noqa: PLC0415
     from services.scheduler.block_manager import BlockManager  # noqa: PLC0415
-    from services.scheduler.request import Request, WorkerSampling  # noqa: PLC0415
+    from services.scheduler.request import Request  # noqa: PLC0415
+    from shared.sampling_rules import SamplingParams  # noqa: PLC0415
     from services.worker import wire as worker_wire  # noqa: PLC0415
 
     batcher = Batcher(BlockManager(32, 4, "v1"), max_model_len=256, eos_token_ids=(2,), max_num_batched_tokens=8)
-    batcher.add(Request("a", list(range(10, 20)), WorkerSampling(temperature=0.5, top_k=3, seed=7), 4,
+    batcher.add(Request("a", list(range(10, 20)), SamplingParams(temperature=0.5, top_k=3, seed=7), 4,
                         trace_context="00-abc-def-01"))
-    batcher.add(Request("b", [5, 6], WorkerSampling(), 2))
+    batcher.add(Request("b", [5, 6], SamplingParams(), 2))
     first = batcher.schedule()  # a's first chunk of 8
     batcher.update(first, [])
     second = batcher.schedule()  # a's last 2 prompt tokens (cached) and b (new)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from services.scheduler.batcher import Batcher, RequestEvent, RequestOutput, StepPlan
 from services.scheduler.block_manager import BlockManager
-from services.scheduler.request import FinishReason, Request, WorkerSampling
+from services.scheduler.request import FinishReason, Request
+from shared.sampling_rules import SamplingParams
 
 VOCAB_SIZE = 64
 _MOD = (1 << 61) - 1
@@ -63,7 +64,7 @@ def greedy_tokens(prompt: Sequence[int], *, max_tokens: int, eos_token_ids: Iter
 def make_request(request_id: str, prompt: Sequence[int], *, max_tokens: int = 8, priority: int = 0,
                  arrival_s: float = 0.0, deadline_s: float | None = None, cache_salt: str = "",
                  stop_token_ids: Iterable[int] = (), ignore_eos: bool = False) -> Request:
-    return Request(request_id=request_id, prompt_token_ids=list(prompt), sampling=WorkerSampling(temperature=0.0),
+    return Request(request_id=request_id, prompt_token_ids=list(prompt), sampling=SamplingParams(temperature=0.0),
                    max_tokens=max_tokens, stop_token_ids=frozenset(stop_token_ids), ignore_eos=ignore_eos,
                    priority=priority, arrival_s=arrival_s, deadline_s=deadline_s, cache_salt=cache_salt)
 

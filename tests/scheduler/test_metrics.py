@@ -15,7 +15,8 @@ from services.scheduler.batcher import Batcher
 from services.scheduler.block_manager import BlockManager
 from services.scheduler.canary import RollbackGuard, RollbackPolicy
 from services.scheduler.plan import RequestEvent, RequestOutput, ScheduledNew, StepPlan
-from services.scheduler.request import ErrorKind, Request, RequestError, WorkerSampling
+from services.scheduler.request import ErrorKind, Request, RequestError
+from shared.sampling_rules import SamplingParams
 from services.scheduler.router import PoolConfig, Router
 
 
@@ -38,7 +39,7 @@ def deliver(live: SimpleNamespace, event: RequestEvent, now_s: float) -> None:
 
 
 def make_request(rid: str, num_prompt_tokens: int = 20, **kw: object) -> Request:
-    return Request(rid, list(range(1, num_prompt_tokens + 1)), WorkerSampling(), max_tokens=4, **kw)
+    return Request(rid, list(range(1, num_prompt_tokens + 1)), SamplingParams(), max_tokens=4, **kw)
 
 
 def test_first_token_then_one_itl_observation_per_token() -> None:
@@ -93,7 +94,7 @@ def test_batcher_reports_its_preemptions_in_the_plan() -> None:
     # 4 usable blocks of 4 tokens: two 7-token prompts fit, and their first decodes do not.
     batcher = Batcher(BlockManager(5, 4, "v1"), max_model_len=64, eos_token_ids=())
     batcher.add(make_request("a", 8))
-    batcher.add(Request("b", list(range(101, 109)), WorkerSampling(), max_tokens=4))  # no shared prefix
+    batcher.add(Request("b", list(range(101, 109)), SamplingParams(), max_tokens=4))  # no shared prefix
     plan = batcher.schedule()
     assert plan.num_preemptions == 0 and len(plan.new_requests) == 2
     batcher.update(plan, [RequestOutput("a", (1,)), RequestOutput("b", (1,))])

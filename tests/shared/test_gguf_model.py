@@ -12,6 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from shared.gguf_model import GgufError, GgufModel, served_model_name
+from shared.gguf_tokenizer import build_tokenizer
 from tests.conftest import REPO_ROOT
 from tests.gguf_files import write_bad_gguf, write_llama_gguf
 
@@ -63,7 +64,7 @@ def test_f32_gguf_gives_the_directory_logits(tiny_model_dir, tiny_f32) -> None:
 def test_tokenizer_and_chat_template_match_the_directory(tiny_model_dir, tiny_f32) -> None:
     gguf = GgufModel(tiny_f32)
     want = AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
-    got = gguf.tokenizer
+    got = build_tokenizer(gguf)
     for text in TEXTS:
         assert got.encode(text) == want.encode(text), text
         assert got.decode(got.encode(text), skip_special_tokens=True) == text
@@ -118,3 +119,10 @@ def test_services_refuse_a_bad_gguf_at_start_with_one_line(tmp_path, tiny_f32, s
         assert "Traceback" not in result.stderr, (service, case, result.stderr[-2000:])
         errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
         assert len(errors) == 1 and f"model: {path}: " in errors[0] and message in errors[0], (service, case, errors)
+
+
+def test_int8_calibration_reads_the_vocabulary_inside_a_gguf(tiny_model_dir, tiny_f32) -> None:
+    from services.worker.calibration import tokenizer_for  # noqa: PLC0415
+
+    text = "Calibration text: the quick brown fox."
+    assert tokenizer_for(tiny_f32).encode(text) == tokenizer_for(tiny_model_dir).encode(text)
