@@ -9,9 +9,10 @@ preempted (lowest priority, newest arrival) and later recomputed from scratch â€
 than swap keeps the worker stateless about preemption, and with prefix caching most of the prefix
 usually comes back from the cache anyway.
 
-The batcher also answers the router's one question about this worker, `overlap_tokens(request)`:
-how much of a prompt this worker would not compute again. That is the longest full-block prefix
-either cached here or promised here: a prompt routed to this worker but not yet computed
+The batcher also answers the router's one question about this worker, `overlap(request)`:
+how much of a prompt this worker would not compute again, and how much of that comes from the
+host tier (a copy, not free). That is the longest full-block prefix either cached here or
+promised here: a prompt routed to this worker but not yet computed
 (`_pending`, from `add` until its first token, or until it leaves) counts, so a burst of requests
 on a new prefix follows the first one instead of spreading over the pool before anything is cached.
 
@@ -151,20 +152,29 @@ class Batcher:
         return sum(1 for r in self._running.values() if r.num_tokens - r.num_computed_tokens <= 1)
 
     def overlap_tokens(self, request: Request) -> int:
-        """Tokens of the request's longest full-block prefix this worker has cached or will have
-        (a prompt placed here and not yet computed): the router's cache-affinity measure. Exact,
-        takes no refs, changes nothing."""
+        """Tokens of the request's longest full-block prefix this worker has cached in its device
+        pool or will have (a prompt placed here and not yet computed): the router's cache-affinity
+        measure. Exact, takes no refs, changes nothing."""
+        return self.overlap(request)[0]
+
+    def overlap(self, request: Request) -> tuple[int, int]:
+        """(`overlap_tokens`, host-tier tokens continuing that prefix): what the router weighs as
+        free and as a copy. Exact, takes no refs, changes nothing."""
+        manager = self.block_manager
         token_ids = request.all_token_ids
-        if not self._pending:  # the index alone: it hashes only as far as the prefix matches
-            return self.block_manager.num_cached_prefix_tokens(token_ids, request.cache_salt)
-        keys = self.block_manager.block_keys(token_ids, request.cache_salt)
-        num_blocks = len(self.block_manager.lookup_prefix(token_ids, request.cache_salt, keys))
+        if not self._pending and manager.host is None:  # the index alone: hashes only as far as it matches
+            return manager.num_cached_prefix_tokens(token_ids, request.cache_salt), 0
+        keys = manager.block_keys(token_ids, request.cache_salt)
+        num_blocks = len(manager.lookup_prefix(token_ids, request.cache_salt, keys))
+        num_host_blocks = len(manager.lookup_host_prefix(token_ids, request.cache_salt, keys, num_blocks))
         num_pending = 0
         for key in keys:
             if key not in self._pending:
                 break
             num_pending += 1
-        return max(num_blocks, num_pending) * self.block_manager.block_size
+        num_device_blocks = max(num_blocks, num_pending)
+        num_host_blocks = max(0, num_blocks + num_host_blocks - num_device_blocks)  # promised counts first
+        return num_device_blocks * manager.block_size, num_host_blocks * manager.block_size
 
     def _promise(self, request: Request) -> None:
         if request.output_token_ids or request.request_id in self._pending_keys:
@@ -335,19 +345,23 @@ class Batcher:
             cacheable_ids = request.all_token_ids[: request.num_tokens - 1]
             keys = self.block_manager.block_keys(cacheable_ids, request.cache_salt)
             hit_ids = self.block_manager.lookup_prefix(cacheable_ids, request.cache_salt, keys)
-            if len(hit_ids) < len(keys) and keys[len(hit_ids)] in self._computing:
-                self._waiting_on[rid] = keys[len(hit_ids)]
+            # Host-tier hits continue the device ones: copied up, not computed.
+            host_ids = self.block_manager.lookup_host_prefix(cacheable_ids, request.cache_salt, keys, len(hit_ids))
+            num_hits = len(hit_ids) + len(host_ids)
+            if num_hits < len(keys) and keys[num_hits] in self._computing:
+                self._waiting_on[rid] = keys[num_hits]
                 position += 1
                 continue
             self._waiting_on.pop(rid, None)
-            num_computed = len(hit_ids) * block_size
+            num_computed = num_hits * block_size
             num_new = min(request.num_tokens - num_computed, budget)
-            if self.block_manager.allocate_slots(rid, num_computed + num_new, hit_ids) is None:
+            if self.block_manager.allocate_slots(rid, num_computed + num_new, hit_ids, host_ids) is None:
                 break  # strict priority order: nobody overtakes the head of the queue
             del self._waiting[position]
-            self._mark_computing(rid, keys, len(hit_ids))
+            self._mark_computing(rid, keys, num_hits)
             if request.num_preemptions == 0 and not request.output_token_ids:
                 request.num_cached_tokens = num_computed
+                request.num_host_cached_tokens = len(host_ids) * block_size
             request.status = RequestStatus.RUNNING
             self._running[rid] = request
             self._on_worker.add(rid)
@@ -370,12 +384,15 @@ class Batcher:
             del self._computing[key]
 
     def _make_plan(self, scheduled: dict[str, ScheduledNew | ScheduledCached], num_preemptions: int) -> StepPlan:
+        copies_to_host, copies_to_device = self.block_manager.take_copies()  # made while this plan was built
         plan = StepPlan(
             step_id=self._next_step_id,
             new_requests=tuple(s for s in scheduled.values() if isinstance(s, ScheduledNew)),
             cached_requests=tuple(s for s in scheduled.values() if isinstance(s, ScheduledCached)),
             finished_request_ids=tuple(self._finished_ids),
             num_preemptions=num_preemptions,
+            copies_to_host=copies_to_host,
+            copies_to_device=copies_to_device,
         )
         self._next_step_id += 1
         self._finished_ids.clear()

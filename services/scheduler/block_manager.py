@@ -11,6 +11,11 @@ user, when it stays cached at the free-list tail until allocation reaches it and
 a table puts its last block on the list first, so a prefix is evicted from its tail inwards and its
 head (shared by the most prompts) survives longest.
 
+With a host tier (`num_host_blocks`, the worker's `--kv-host-cache-mib`), eviction from the device
+pool is not the end of a block: its K/V is copied down to the host tier (`host_tier.py`), and a
+prompt whose prefix continues there gets device blocks filled by copies up instead of a prefill.
+The copies a plan needs accumulate here while the plan is built and `take_copies` hands them to it.
+
 With `enable_prefix_caching=False` nothing is ever indexed or found; allocation is unchanged.
 """
 
@@ -20,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.scheduler.block_pool import NULL_BLOCK_ID, BlockPool
+from services.scheduler.host_tier import HostTier
 from services.scheduler.prefix_index import ROOT_HASH, PrefixIndex
 from shared.errors import InvalidArgument
 
@@ -37,15 +43,22 @@ class BlockManager:
     """Block tables of the live requests on one worker, over a BlockPool and a PrefixIndex."""
 
     def __init__(self, num_blocks: int, block_size: int, model_version: str,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, num_host_blocks: int = 0) -> None:
         if block_size < 1:
             raise InvalidArgument(f"must be >= 1, got {block_size}", field="block_size")
+        if num_host_blocks < 0:
+            raise InvalidArgument(f"must be >= 0, got {num_host_blocks}", field="num_host_blocks")
         self.block_size = block_size
         self.model_version = model_version
         self.enable_prefix_caching = enable_prefix_caching
         self._index = PrefixIndex(block_size, model_version)
-        self._pool = BlockPool(num_blocks, on_evict=self._index.remove)
+        self._pool = BlockPool(num_blocks, on_evict=self._evicted)
         self._tables: dict[str, _Table] = {}
+        # A tier with only its reserved block holds nothing; without prefix caching nothing is kept.
+        self.host = (HostTier(num_host_blocks, block_size, model_version)
+                     if num_host_blocks >= 2 and enable_prefix_caching else None)
+        self._copies_to_host: list[tuple[int, int]] = []  # (device block, host block), for the next plan
+        self._copies_to_device: list[tuple[int, int]] = []  # (host block, device block)
 
     # --- counts ---------------------------------------------------------------------------------
 
@@ -79,6 +92,13 @@ class BlockManager:
             return []
         return self._index.match(token_ids, cache_salt, keys)
 
+    def lookup_host_prefix(self, token_ids: Sequence[int], cache_salt: str, keys: Sequence[bytes],
+                           num_device_blocks: int) -> list[int]:
+        """Host block ids continuing a device-tier match of `num_device_blocks` blocks; [] without a tier."""
+        if self.host is None:
+            return []
+        return self.host.match(token_ids, cache_salt, keys, num_device_blocks)
+
     def block_keys(self, token_ids: Sequence[int], cache_salt: str) -> list[bytes]:
         """Prefix-index keys of every full block of `token_ids`; empty with prefix caching off."""
         if not self.enable_prefix_caching:
@@ -90,11 +110,14 @@ class BlockManager:
     def can_allocate(self, num_blocks: int) -> bool:
         return self._pool.num_allocatable >= num_blocks
 
-    def allocate_slots(self, request_id: str, num_tokens: int,
-                       prefix_block_ids: Sequence[int] = ()) -> list[int] | None:
+    def allocate_slots(self, request_id: str, num_tokens: int, prefix_block_ids: Sequence[int] = (),
+                       host_block_ids: Sequence[int] = ()) -> list[int] | None:
         """Makes `request_id` own blocks for its first `num_tokens` tokens; returns the ids added, or None.
 
-        `prefix_block_ids` only count on the request's first call (later calls extend the table).
+        `prefix_block_ids` (device hits) and `host_block_ids` (host hits continuing them, from
+        `lookup_host_prefix`) only count on the request's first call (later calls extend the table).
+        Each host hit gets the next fresh device block and a copy up in the next plan; that block is
+        indexed at once, since the copy runs before the step that reads it.
         None means not enough blocks, and then nothing at all has changed.
         """
         if num_tokens < 0:
@@ -103,6 +126,7 @@ class BlockManager:
         if table is not None and num_tokens <= len(table.block_ids) * self.block_size:
             return []  # most decode steps: the last block still has room
         prefix = list(prefix_block_ids) if table is None else []
+        host_hits = list(host_block_ids) if table is None and self.host is not None else []
         self._check_prefix(prefix)
         num_owned = len(prefix) + (len(table.block_ids) if table is not None else 0)
         num_new = max(0, -(-num_tokens // self.block_size) - num_owned)
@@ -111,15 +135,51 @@ class BlockManager:
         num_revived = sum(1 for block_id in prefix if self._pool.ref_count(block_id) == 0)
         if num_new + num_revived > self._pool.num_allocatable:
             return None
-        # Ref the prefix before allocating so eviction cannot take the very blocks being reused.
+        # Ref the prefix before allocating so eviction cannot take the very blocks being reused,
+        # and pin the host hits (until the plan takes its copies) so no copy down in the same step
+        # overwrites them.
         for block_id in prefix:
             self._pool.ref(block_id)
-        added = prefix + self._pool.allocate(num_new)
+        if host_hits:
+            self.host.pin_for_plan(host_hits)
+        fresh = self._pool.allocate(num_new)
+        if host_hits:
+            self._copy_up(host_hits, fresh[:len(host_hits)])
+        added = prefix + fresh
         if table is None:
             table = self._tables[request_id] = _Table([])
-            self._skip_published_prefix(table, prefix)
+            self._skip_published_prefix(table, added)
         table.block_ids.extend(added)
         return added
+
+    def take_copies(self) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+        """(copies to host, copies to device) made necessary since the last call: the plan being
+        built carries them, and the worker makes them before its forward pass."""
+        taken = tuple(self._copies_to_host), tuple(self._copies_to_device)
+        self._copies_to_host.clear()
+        self._copies_to_device.clear()
+        if self.host is not None:
+            self.host.release()
+        return taken
+
+    def _copy_up(self, host_block_ids: Sequence[int], device_block_ids: Sequence[int]) -> None:
+        assert self.host is not None
+        for host_block_id, device_block_id in zip(host_block_ids, device_block_ids):
+            block_hash, token_ids, cache_salt = self.host.entry(host_block_id)
+            if self._index.insert(block_hash, device_block_id, token_ids, cache_salt):
+                self._pool.set_hash(device_block_id, block_hash, token_ids)
+            self._copies_to_device.append((host_block_id, device_block_id))
+
+    def _evicted(self, block_hash: bytes, block_id: int) -> None:
+        """The device pool hands a cached block to a new owner: unindex it and, with a host tier,
+        keep its K/V there (the copy rides in the plan being built, before the new owner writes)."""
+        entry = self._index.pop(block_hash, block_id)
+        if entry is None or self.host is None:
+            return
+        token_ids, cache_salt = entry
+        host_block_id = self.host.keep(block_hash, token_ids, cache_salt)
+        if host_block_id is not None:
+            self._copies_to_host.append((block_id, host_block_id))
 
     def block_ids(self, request_id: str) -> list[int]:
         table = self._tables.get(request_id)
@@ -171,6 +231,10 @@ class BlockManager:
         self._tables.clear()
         self._index.clear()
         self._pool.reset()
+        self._copies_to_host.clear()
+        self._copies_to_device.clear()
+        if self.host is not None:
+            self.host.reset()
 
     # --- helpers --------------------------------------------------------------------------------
 

@@ -218,8 +218,9 @@ class Fleet:
             if not loop.up or batcher is None:
                 loads.append(WorkerLoad(loop.address, False, 0, 0, 0))
                 continue
-            loads.append(WorkerLoad(loop.address, True, batcher.overlap_tokens(request),
-                                    batcher.num_queued_prefill_tokens, batcher.num_running_decode_requests))
+            overlap_tokens, host_overlap_tokens = batcher.overlap(request)
+            loads.append(WorkerLoad(loop.address, True, overlap_tokens, batcher.num_queued_prefill_tokens,
+                                    batcher.num_running_decode_requests, host_overlap_tokens))
         return loads
 
     def _place(self, live: LiveRequest, loop: WorkerLoop, decision: RoutingDecision) -> None:
@@ -227,7 +228,7 @@ class Fleet:
         request = live.request
         live.worker, live.decision = loop, decision
         # The batcher counts only the uncached part of a queued prompt as load.
-        request.num_expected_cached_tokens = decision.overlap_tokens
+        request.num_expected_cached_tokens = decision.overlap_tokens + decision.host_overlap_tokens
         loop.submit(request)
 
     def num_waiting(self) -> int:

@@ -83,8 +83,9 @@ PREFIX_CACHE_QUERIES = Counter(
     "switchyard_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache at first placement.",
     _LABELS)
 PREFIX_CACHE_HITS = Counter(
-    "switchyard_prefix_cache_hits_total", "Prompt tokens served from the prefix cache at first placement.",
-    _LABELS)
+    "switchyard_prefix_cache_hits_total",
+    "Prompt tokens served from the prefix cache at first placement, by the tier that held them "
+    "(device: the KV pool attention reads; host: copied up from the host tier).", (*_LABELS, "tier"))
 PREEMPTIONS = Counter("switchyard_preemptions_total", "Running requests sent back to the queue.", _LABELS)
 PROMPT_TOKENS = Counter("switchyard_prompt_tokens_total", "Prompt tokens of finished requests.", _LABELS)
 GENERATION_TOKENS = Counter("switchyard_generation_tokens_total", "Tokens delivered to clients.", _LABELS)
@@ -177,7 +178,9 @@ def observe_schedule(loop: WorkerLoop, plan: StepPlan, now_s: float) -> None:
         REQUEST_QUEUE_TIME.labels(*labels).observe(now_s - request.arrival_s)
         PREFIX_CACHE_QUERIES.labels(*labels).inc(request.num_prompt_tokens)
         # At first placement the scheduled start is exactly the prefix found in the cache.
-        PREFIX_CACHE_HITS.labels(*labels).inc(scheduled.num_computed_tokens)
+        PREFIX_CACHE_HITS.labels(*labels, "device").inc(scheduled.num_computed_tokens - request.num_host_cached_tokens)
+        if request.num_host_cached_tokens:
+            PREFIX_CACHE_HITS.labels(*labels, "host").inc(request.num_host_cached_tokens)
 
 
 def observe_worker_down(loop: WorkerLoop) -> None:

@@ -48,6 +48,9 @@ class StepPlan:
     cached_requests: tuple[ScheduledCached, ...]
     finished_request_ids: tuple[str, ...]  # the worker drops these (finished, aborted, preempted) BEFORE running
     num_preemptions: int = 0  # running requests sent back to the queue while this plan was built
+    # Host-tier copies the worker makes before this step's forward pass (block_manager.take_copies):
+    copies_to_host: tuple[tuple[int, int], ...] = ()  # (device block, host block): evicted, kept
+    copies_to_device: tuple[tuple[int, int], ...] = ()  # (host block, device block): host hits
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -56,7 +59,8 @@ class StepPlan:
 
     @property
     def is_empty(self) -> bool:
-        return not (self.new_requests or self.cached_requests or self.finished_request_ids)
+        return not (self.new_requests or self.cached_requests or self.finished_request_ids
+                    or self.copies_to_host or self.copies_to_device)
 
 
 @dataclass(frozen=True)

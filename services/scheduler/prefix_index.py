@@ -118,9 +118,24 @@ class PrefixIndex:
 
     def remove(self, block_hash: bytes, block_id: int) -> None:
         """Drops the entry if it still names `block_id` (an evicted block must not unmap another)."""
+        self.pop(block_hash, block_id)
+
+    def pop(self, block_hash: bytes, block_id: int) -> tuple[tuple[int, ...], str] | None:
+        """`remove`, returning the entry's (token_ids, cache_salt) if it named `block_id`: what a
+        lower cache tier needs to index the same block under the same key."""
         entry = self._entries.get(block_hash)
-        if entry is not None and entry.block_id == block_id:
-            del self._entries[block_hash]
+        if entry is None or entry.block_id != block_id:
+            return None
+        del self._entries[block_hash]
+        return entry.token_ids, entry.cache_salt
+
+    def entry(self, block_hash: bytes) -> tuple[int, tuple[int, ...], str] | None:
+        """(block_id, token_ids, cache_salt) indexed under `block_hash`, if any."""
+        entry = self._entries.get(block_hash)
+        return None if entry is None else (entry.block_id, entry.token_ids, entry.cache_salt)
+
+    def __contains__(self, block_hash: bytes) -> bool:
+        return block_hash in self._entries
 
     def clear(self) -> None:
         self._entries.clear()

@@ -80,6 +80,7 @@ class Request:
     # a decode planned ahead inputs a token only the worker knows yet.
     num_output_placeholders: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the FIRST placement (usage)
+    num_host_cached_tokens: int = 0  # of those, the ones copied up from the host tier (L2)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0

@@ -9,9 +9,10 @@ it first landed in, so one conversation never flips between model versions mid-w
 `choose_worker` is a cost decision inside one pool. Every up worker gets
 
     cost = uncached_prompt_tokens
+           + host_hit_cost * host_overlap_tokens
            + load_weight * (num_queued_prefill_tokens + num_running_decode_requests * decode_cost_tokens)
 
-    uncached_prompt_tokens = num_prompt_tokens - overlap_tokens
+    uncached_prompt_tokens = num_prompt_tokens - overlap_tokens - host_overlap_tokens
 
 and the lowest cost wins; ties go to the worker with the fewest queued prefill tokens, then to the
 smallest address, so a decision never depends on the order the loads were listed in. Both halves are
@@ -19,7 +20,9 @@ in token-equivalents, i.e. prefill work the worker still has to do: a cached pre
 tokens, a queued prompt delays us by exactly its tokens, and a running decode costs one token per
 step for as long as we share the batch with it, which `decode_cost_tokens` approximates. The overlap
 is exact, not estimated: it comes from the scheduler's own mirror of each worker's prefix index
-(`BlockManager.num_cached_prefix_tokens`), so no cache events or approximate radix trees are needed.
+(`Batcher.overlap`), so no cache events or approximate radix trees are needed. A prefix that
+continues in the worker's host tier (`host_overlap_tokens`) is neither free nor full price: its
+blocks are copied up, which costs `host_hit_cost` of a prefill per token.
 
 Knobs (all constructor arguments; the router reads no environment):
 
@@ -27,6 +30,11 @@ Knobs (all constructor arguments; the router reads no environment):
   1.0 means both are the same prefill work; larger spreads load at the expense of cache hits, 0
   routes purely on overlap.
 - `decode_cost_tokens` (default 8.0): token-equivalents charged per running decode request.
+- `host_hit_cost` (default 0.1): a host-tier hit's cost per token, as a fraction of computing it.
+  Copying one token's K/V moves a few tens of KiB (SmolLM2: 30 layers x 2 x 3 heads x 64 x 4 bytes
+  = 46 KiB, ~2 us at this machine's 28 GB/s) where computing it costs ~0.27 GFLOP (~4 ms at 66
+  GFLOP/s), so on a CPU the true ratio is nearer 0.001; 0.1 leaves room for PCIe on a GPU, where
+  the gap is narrower, and still ranks host hits far above recompute and below device hits.
 - `max_sessions` (default 100_000): sticky sessions remembered, least recently used forgotten first;
   a forgotten session is simply routed afresh. 0 disables stickiness.
 - `seed` (default None = OS entropy): seeds the router's own `random.Random`, so tests and replays
@@ -52,6 +60,7 @@ from shared.errors import InvalidArgument, Unavailable
 
 DEFAULT_LOAD_WEIGHT = 1.0
 DEFAULT_DECODE_COST_TOKENS = 8.0
+DEFAULT_HOST_HIT_COST = 0.1
 DEFAULT_MAX_SESSIONS = 100_000
 DEFAULT_POLICY = "cache_aware"
 POLICIES = ("cache_aware", "round_robin")
@@ -75,6 +84,7 @@ class WorkerLoad:
     overlap_tokens: int
     num_queued_prefill_tokens: int
     num_running_decode_requests: int
+    host_overlap_tokens: int = 0  # continuing overlap_tokens in the worker's host tier
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,7 @@ class CandidateCost:
     uncached_prompt_tokens: int
     load_tokens: float
     cost: float
+    host_overlap_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,7 @@ class RoutingDecision:
     cost: float
     candidates: tuple[CandidateCost, ...]
     sticky: bool = False  # the session's existing pool was reused
+    host_overlap_tokens: int = 0  # of the chosen worker's host tier
 
 
 def _check_non_negative(value: float, field: str) -> None:
@@ -134,6 +146,7 @@ class Router:
         *,
         load_weight: float = DEFAULT_LOAD_WEIGHT,
         decode_cost_tokens: float = DEFAULT_DECODE_COST_TOKENS,
+        host_hit_cost: float = DEFAULT_HOST_HIT_COST,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         seed: int | None = None,
         policy: str = DEFAULT_POLICY,
@@ -143,12 +156,14 @@ class Router:
             raise InvalidArgument(f"must be one of {', '.join(POLICIES)}, got {policy!r}", field="routing")
         _check_non_negative(load_weight, "load_weight")
         _check_non_negative(decode_cost_tokens, "decode_cost_tokens")
+        _check_non_negative(host_hit_cost, "host_hit_cost")
         if max_sessions < 0:
             raise InvalidArgument(f"must be >= 0, got {max_sessions}", field="max_sessions")
         # Dict order is the configured order, which keeps weighted draws reproducible for a seed.
         self._pools: dict[str, PoolConfig] = {pool.name: pool for pool in pools}
         self._load_weight = float(load_weight)
         self._decode_cost_tokens = float(decode_cost_tokens)
+        self._host_hit_cost = float(host_hit_cost)
         self._max_sessions = max_sessions
         self._sessions: OrderedDict[str, str] = OrderedDict()  # session id -> pool, oldest first
         self._rng = random.Random(seed)
@@ -211,14 +226,15 @@ class Router:
             # An overlap can never exceed the prompt it was looked up on; clamping keeps a stale
             # load from producing a negative uncached count that would reward it.
             overlap_tokens = min(max(load.overlap_tokens, 0), num_prompt_tokens)
-            uncached_prompt_tokens = num_prompt_tokens - overlap_tokens
+            host_overlap_tokens = min(max(load.host_overlap_tokens, 0), num_prompt_tokens - overlap_tokens)
+            uncached_prompt_tokens = num_prompt_tokens - overlap_tokens - host_overlap_tokens
             load_tokens = (
                 load.num_queued_prefill_tokens + load.num_running_decode_requests * self._decode_cost_tokens
             )
-            cost = uncached_prompt_tokens + self._load_weight * load_tokens
-            candidates.append(
-                CandidateCost(load.address, overlap_tokens, uncached_prompt_tokens, float(load_tokens), cost)
-            )
+            cost = (uncached_prompt_tokens + self._host_hit_cost * host_overlap_tokens
+                    + self._load_weight * load_tokens)
+            candidates.append(CandidateCost(load.address, overlap_tokens, uncached_prompt_tokens, float(load_tokens),
+                                            cost, host_overlap_tokens))
             queued_by_address[load.address] = load.num_queued_prefill_tokens
         if not candidates:
             raise Unavailable(f"no worker of pool {pool!r} is up")
@@ -237,4 +253,5 @@ class Router:
             cost=best.cost,
             candidates=tuple(candidates),
             sticky=sticky,
+            host_overlap_tokens=best.host_overlap_tokens,
         )

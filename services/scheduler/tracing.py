@@ -47,11 +47,13 @@ def end_request_span(span: Span, live: LiveRequest | None, finish_reason: str,
             "switchyard.route.cost": decision.cost,
             "switchyard.route.sticky": decision.sticky,
             "switchyard.route.candidates": json.dumps([
-                {"worker": c.address, "overlap_tokens": c.overlap_tokens,
+                {"worker": c.address, "overlap_tokens": c.overlap_tokens, "host_overlap_tokens": c.host_overlap_tokens,
                  "uncached_prompt_tokens": c.uncached_prompt_tokens, "load_tokens": c.load_tokens, "cost": c.cost}
                 for c in decision.candidates
             ]),
             "switchyard.cached_tokens": request.num_cached_tokens,
+            "switchyard.host_cached_tokens": request.num_host_cached_tokens,
+            "switchyard.route.host_overlap_tokens": decision.host_overlap_tokens,
             "switchyard.num_preemptions": request.num_preemptions,
             "gen_ai.request.max_tokens": request.max_tokens,
             "gen_ai.request.temperature": request.sampling.temperature,

@@ -117,6 +117,9 @@ def plan_to_pb(plan: StepPlan) -> worker_pb.StepRequest:
             for c in plan.cached_requests
         ],
         finished_request_ids=plan.finished_request_ids,
+        copies_to_host=[worker_pb.BlockCopy(source_block_id=s, destination_block_id=d) for s, d in plan.copies_to_host],
+        copies_to_device=[worker_pb.BlockCopy(source_block_id=s, destination_block_id=d)
+                          for s, d in plan.copies_to_device],
     )
 
 
@@ -155,6 +158,7 @@ def worker_spec_from_pb(msg: worker_pb.WorkerInfo) -> WorkerSpec:
     return WorkerSpec(
         model=msg.model, version=msg.version, block_size=msg.block_size, num_blocks=msg.num_blocks,
         max_model_len=msg.max_model_len, vocab_size=msg.vocab_size, eos_token_ids=tuple(msg.eos_token_ids),
+        num_host_blocks=msg.num_host_blocks,
     )
 
 

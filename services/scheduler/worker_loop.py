@@ -151,14 +151,15 @@ class WorkerLoop:
             if self.retiring:  # retired while we were asking
                 return
             self.spec = wire.worker_spec_from_pb(info)
-            manager = BlockManager(self.spec.num_blocks, self.spec.block_size, self.spec.version)
+            manager = BlockManager(self.spec.num_blocks, self.spec.block_size, self.spec.version,
+                                   num_host_blocks=self.spec.num_host_blocks)
             self.batcher = Batcher(
                 manager, max_model_len=self.spec.max_model_len, eos_token_ids=self.spec.eos_token_ids,
                 max_num_batched_tokens=self._max_num_batched_tokens, max_num_seqs=self._max_num_seqs,
             )
             self.up = True
-            logger.info("worker %s (pool %s) up: %s %s, %d blocks", self.address, self.pool,
-                        self.spec.model, self.spec.version, self.spec.num_blocks)
+            logger.info("worker %s (pool %s) up: %s %s, %d blocks, %d host blocks", self.address, self.pool,
+                        self.spec.model, self.spec.version, self.spec.num_blocks, self.spec.num_host_blocks)
             self._on_up(self)
             return
 

@@ -14,6 +14,7 @@ class WorkerSpec:
     max_model_len: int
     vocab_size: int
     eos_token_ids: tuple[int, ...]
+    num_host_blocks: int = 0  # host-memory KV tier, including its block 0; 0 = none
 
     @property
     def max_tokens_per_request(self) -> int:

@@ -31,6 +31,7 @@ async def run(config: WorkerConfig) -> None:
                 " as a null model (no weights)" if config.null_model else "")
     common = dict(dtype=config.dtype, device=config.device, block_size=config.block_size,
                   num_blocks=config.num_blocks, kv_cache_bytes=config.kv_cache_bytes,
+                  kv_host_cache_bytes=config.kv_host_cache_bytes,
                   attention_backend=config.attention_backend, max_model_len=config.max_model_len,
                   name=config.model_name)
     if config.null_model:  # computes nothing, so there is no decode graph to capture
@@ -43,6 +44,9 @@ async def run(config: WorkerConfig) -> None:
         runner.spec.name, runner.spec.dtype, runner.num_blocks, runner.block_size, runner.kv_pool.shape.num_bytes / 2**20,
         runner.backend.name, runner.spec.max_model_len,
     )
+    if runner.kv_pool.num_host_blocks:
+        logger.info("host KV tier: %d blocks (%.1f MiB)", runner.kv_pool.num_host_blocks,
+                    runner.kv_pool.num_host_blocks * runner.kv_pool.shape.bytes_per_block / 2**20)
     servicer = WorkerServicer(Executor(runner), version=config.version, address=config.address)
     start_metrics_server(config.metrics_port, config.host, config.tls)
     await serve(

@@ -30,6 +30,7 @@ class WorkerConfig:
     num_threads: int
     grace_s: float
     quantization: str = "none"
+    kv_host_cache_bytes: int = 0  # 0: no host tier
     null_model: bool = False  # serve with NullModelRunner: no weights, deterministic tokens
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (CUDA + triton backend only)
     tls: TlsConfig = TlsConfig()
@@ -65,6 +66,10 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
                    help="KV blocks incl. the null block; 0 sizes the pool from --kv-cache-mib [SWITCHYARD_NUM_BLOCKS]")
     p.add_argument("--kv-cache-mib", type=int, default=env_int("SWITCHYARD_KV_CACHE_MIB", 256, min_value=1),
                    help="KV pool memory budget in MiB [SWITCHYARD_KV_CACHE_MIB]")
+    p.add_argument("--kv-host-cache-mib", type=int, default=env_int("SWITCHYARD_KV_HOST_CACHE_MIB", 0, min_value=0),
+                   help="host-memory KV tier (L2) in MiB: device blocks the scheduler evicts are copied here "
+                        "and prefix hits in it copied back instead of recomputed; 0 = off "
+                        "[SWITCHYARD_KV_HOST_CACHE_MIB]")
     p.add_argument("--attention-backend", default=env_str("SWITCHYARD_ATTENTION_BACKEND", "auto"),
                    choices=["auto", "torch", "triton"], help="paged attention kernels [SWITCHYARD_ATTENTION_BACKEND]")
     p.add_argument("--version", dest="version_label", default=env_str("SWITCHYARD_MODEL_VERSION", "v1"),
@@ -90,7 +95,8 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
     return WorkerConfig(
         model_dir=a.model, host=a.host, port=a.port, metrics_port=a.metrics_port, dtype=a.dtype,
         device=a.device, block_size=a.block_size, num_blocks=a.num_blocks or None,
-        kv_cache_bytes=a.kv_cache_mib * 2**20, attention_backend=a.attention_backend,
+        kv_cache_bytes=a.kv_cache_mib * 2**20, kv_host_cache_bytes=a.kv_host_cache_mib * 2**20,
+        attention_backend=a.attention_backend,
         version=a.version_label, model_name=a.model_name, max_model_len=a.max_model_len or None,
         num_threads=a.num_threads, grace_s=a.grace_s, quantization=a.quantization, null_model=a.null_model, cuda_graphs=a.cuda_graphs,
         tls=tls_from_args(a),

@@ -112,10 +112,19 @@ class Executor:
             )
         for state in staged.values():
             self._check_schedulable(state)
+        kv_pool = self.runner.kv_pool
+        try:
+            kv_pool.check_copies(step.copies_to_host, step.copies_to_device)
+        except ValueError as e:
+            raise InvalidArgument(str(e), field=str(e).partition(":")[0]) from e
         for rid in step.finished_request_ids:
             self.requests.pop(rid, None)
         self.requests.update(staged)
-        self.runner.kv_pool.clear_blocks(self._fresh_blocks(step))
+        # Evicted blocks go down before this step can hand them to new owners (cleared or written),
+        # host hits come up after the clearing and before the forward pass reads them.
+        kv_pool.copy_to_host(step.copies_to_host)
+        kv_pool.clear_blocks(self._fresh_blocks(step))
+        kv_pool.copy_to_device(step.copies_to_device)
         return [s for s in staged.values() if s.num_scheduled_tokens > 0]
 
     def _fresh_blocks(self, step: StepInput) -> list[int]:

@@ -17,7 +17,7 @@ from services.worker.calibration import activation_absmax, calibration_ids
 from services.worker.kernels import AttentionMetadata, select_backend
 from services.worker.linear import QUANTIZATIONS
 from services.worker.llama import LlamaModel
-from services.worker.kv_pool import KVPool, KVPoolShape, num_blocks_for_budget
+from services.worker.kv_pool import KVPool, KVPoolShape, num_blocks_for_budget, num_host_blocks_for_budget
 from shared.cpu_features import cpu_features
 from shared.gguf_model import GgufModel, is_gguf_path, served_model_name
 
@@ -108,6 +108,7 @@ class ModelRunner:
         block_size: int = 16,
         num_blocks: int | None = None,
         kv_cache_bytes: int | None = None,
+        kv_host_cache_bytes: int = 0,
         attention_backend: str = "auto",
         max_model_len: int | None = None,
         name: str | None = None,
@@ -163,8 +164,8 @@ class ModelRunner:
         self.model = LlamaModel(hf_model, max_model_len=self.spec.max_model_len, quantization=quantization,
                                 act_absmax=act_absmax)
         del hf_model
-        self.kv_pool = KVPool(kv_pool_shape(self.spec, block_size, num_blocks, kv_cache_bytes, torch_dtype),
-                              self.device)
+        shape = kv_pool_shape(self.spec, block_size, num_blocks, kv_cache_bytes, torch_dtype)
+        self.kv_pool = KVPool(shape, self.device, num_host_blocks_for_budget(kv_host_cache_bytes, shape))
         self.backend = select_backend(str(self.device), attention_backend)
         self._decode_graphs = None
         # Graphs only pay off against GPU launch overhead, and only the Triton decode path is

@@ -16,6 +16,7 @@ services with the model's cost taken out.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +24,7 @@ from types import SimpleNamespace
 import torch
 
 from services.worker.kernels import AttentionMetadata
-from services.worker.kv_pool import NULL_BLOCK_ID, KVPoolShape
+from services.worker.kv_pool import NULL_BLOCK_ID, KVPoolShape, check_block_copies, num_host_blocks_for_budget
 from services.worker.model_runner import ModelSpec, _eos_ids, kv_pool_shape, parse_dtype, resolve_dtype
 from shared.gguf_model import is_gguf_path
 
@@ -38,9 +39,20 @@ class NullBackend:
 class NullKVPool:
     """The shape of the pool the real model would have, without its tensors."""
 
-    def __init__(self, shape: KVPoolShape) -> None:
+    def __init__(self, shape: KVPoolShape, num_host_blocks: int = 0) -> None:
         self.shape = shape
+        self.num_host_blocks = num_host_blocks  # the scheduler's host tier works the same; copies move nothing
         self.layers: list[torch.Tensor] = []
+
+    def check_copies(self, copies_to_host: Sequence[tuple[int, int]],
+                     copies_to_device: Sequence[tuple[int, int]]) -> None:
+        check_block_copies(self.shape.num_blocks, self.num_host_blocks, copies_to_host, copies_to_device)
+
+    def copy_to_host(self, copies: object) -> None:
+        """Nothing to copy: there is no KV."""
+
+    def copy_to_device(self, copies: object) -> None:
+        """Nothing to copy: there is no KV."""
 
     def is_valid_block(self, block_id: int) -> bool:
         return NULL_BLOCK_ID < block_id < self.shape.num_blocks
@@ -66,6 +78,7 @@ class NullModelRunner:
         block_size: int = 16,
         num_blocks: int | None = None,
         kv_cache_bytes: int | None = None,
+        kv_host_cache_bytes: int = 0,
         max_model_len: int | None = None,
         name: str | None = None,
         **_ignored: object,  # attention_backend and any other ModelRunner knob: nothing to choose here
@@ -98,7 +111,8 @@ class NullModelRunner:
             num_kv_heads=int(text.get("num_key_value_heads") or num_heads),
             head_dim=int(head_dim),
         )
-        self.kv_pool = NullKVPool(kv_pool_shape(self.spec, block_size, num_blocks, kv_cache_bytes, torch_dtype))
+        shape = kv_pool_shape(self.spec, block_size, num_blocks, kv_cache_bytes, torch_dtype)
+        self.kv_pool = NullKVPool(shape, num_host_blocks_for_budget(kv_host_cache_bytes, shape))
         self.device = torch.device(device)
         self.backend = NullBackend()
 

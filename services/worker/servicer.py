@@ -64,6 +64,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return wire.info_to_pb(
             runner.spec, block_size=runner.block_size, num_blocks=runner.num_blocks, version=self._version,
             device=str(runner.device), attention_backend=runner.backend.name,
+            num_host_blocks=runner.kv_pool.num_host_blocks,
         )
 
     async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:

@@ -37,6 +37,10 @@ class StepInput:
     new_requests: tuple[NewRequestData, ...] = ()
     cached_requests: tuple[CachedRequestData, ...] = ()
     finished_request_ids: tuple[str, ...] = ()
+    # (device block, host block): evicted device blocks whose K/V the host tier keeps; done first.
+    copies_to_host: tuple[tuple[int, int], ...] = ()
+    # (host block, device block): host-tier prefix hits, brought back before the forward pass.
+    copies_to_device: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,8 @@ def step_from_pb(msg: pb.StepRequest) -> StepInput:
             for r in msg.cached_requests
         ),
         finished_request_ids=tuple(msg.finished_request_ids),
+        copies_to_host=tuple((c.source_block_id, c.destination_block_id) for c in msg.copies_to_host),
+        copies_to_device=tuple((c.source_block_id, c.destination_block_id) for c in msg.copies_to_device),
     )
 
 
@@ -87,6 +89,8 @@ def step_to_pb(step: StepInput) -> pb.StepRequest:
             for r in step.cached_requests
         ],
         finished_request_ids=step.finished_request_ids,
+        copies_to_host=[pb.BlockCopy(source_block_id=s, destination_block_id=d) for s, d in step.copies_to_host],
+        copies_to_device=[pb.BlockCopy(source_block_id=s, destination_block_id=d) for s, d in step.copies_to_device],
     )
 
 
@@ -118,9 +122,10 @@ def reset_response_to_pb(num_dropped_requests: int) -> pb.ResetResponse:
 
 
 def info_to_pb(spec: ModelSpec, *, block_size: int, num_blocks: int, version: str, device: str,
-               attention_backend: str) -> pb.WorkerInfo:
+               attention_backend: str, num_host_blocks: int = 0) -> pb.WorkerInfo:
     return pb.WorkerInfo(
         model=spec.name, dtype=spec.dtype, block_size=block_size, num_blocks=num_blocks,
         max_model_len=spec.max_model_len, version=version, vocab_size=spec.vocab_size,
         eos_token_ids=spec.eos_token_ids, device=device, attention_backend=attention_backend,
+        num_host_blocks=num_host_blocks,
     )

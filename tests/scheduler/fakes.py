@@ -94,6 +94,8 @@ class FakeWorker:
         self.held: dict[str, _Held] = {}
         self.failed: set[str] = set()  # their sampling failed: a step planned ahead skips them
         self.kv: dict[int, list[int | None]] = {}
+        self.host_kv: dict[int, list[int | None]] = {}  # the host tier: copies only, never read by attention
+        self.num_copies_to_host = self.num_copies_to_device = 0
         self.last_step_id = 0
 
     def execute(self, plan: StepPlan) -> list[RequestOutput]:
@@ -103,6 +105,7 @@ class FakeWorker:
                 raise PlanError(f"step {plan.step_id}: finished id {rid!r} is not held")
             del self.held[rid]
             self.failed.discard(rid)
+        self._copy(plan)
         scheduled: list[tuple[str, int]] = []
         for new in plan.new_requests:
             rid = new.request.request_id
@@ -144,6 +147,23 @@ class FakeWorker:
             raise PlanError(f"step {plan.step_id}: duplicate finished ids {plan.finished_request_ids}")
         if plan.num_scheduled_tokens > self.max_num_batched_tokens:
             raise PlanError(f"step {plan.step_id}: {plan.num_scheduled_tokens} tokens over the budget")
+
+    def _copy(self, plan: StepPlan) -> None:
+        """The executor's order: every copy down, then every copy up, before the forward pass. A
+        copy of a block that never held K/V, or into a block a held request still reads, is a bug."""
+        for device_id, host_id in plan.copies_to_host:
+            if device_id not in self.kv:
+                raise PlanError(f"step {plan.step_id}: copies device block {device_id} down, which holds nothing")
+            self.host_kv[host_id] = list(self.kv[device_id])
+        self.num_copies_to_host += len(plan.copies_to_host)
+        read = {b for rid, held in self.held.items() for b in held.block_ids}
+        for host_id, device_id in plan.copies_to_device:
+            if host_id not in self.host_kv:
+                raise PlanError(f"step {plan.step_id}: copies host block {host_id} up, which holds nothing")
+            if device_id in read:
+                raise PlanError(f"step {plan.step_id}: copies up into device block {device_id}, held before this step")
+            self.kv[device_id] = list(self.host_kv[host_id])
+        self.num_copies_to_device += len(plan.copies_to_device)
 
     def _check_table(self, rid: str, held: _Held) -> None:
         if len(set(held.block_ids)) != len(held.block_ids):
@@ -204,8 +224,8 @@ class FakeWorker:
 
 def make_pair(num_blocks: int = 64, block_size: int = 4, *, max_model_len: int = 256,
               max_num_batched_tokens: int = 64, max_num_seqs: int = 16, eos_token_ids: Sequence[int] = (),
-              enable_prefix_caching: bool = True) -> tuple[Batcher, FakeWorker]:
-    manager = BlockManager(num_blocks, block_size, "v1", enable_prefix_caching)
+              enable_prefix_caching: bool = True, num_host_blocks: int = 0) -> tuple[Batcher, FakeWorker]:
+    manager = BlockManager(num_blocks, block_size, "v1", enable_prefix_caching, num_host_blocks)
     batcher = Batcher(manager, max_model_len=max_model_len, eos_token_ids=eos_token_ids,
                       max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
     worker = FakeWorker(num_blocks, block_size, max_model_len=max_model_len,

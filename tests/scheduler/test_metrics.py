@@ -79,6 +79,7 @@ def test_refused_request_is_not_a_finished_one() -> None:
 def test_queue_time_and_prefix_lookup_only_at_first_placement() -> None:
     loop, labels = SimpleNamespace(pool="p", address="w-sched"), {"pool": "p", "worker": "w-sched"}
     first = make_request("a", 40, arrival_s=1.0)
+    first.num_host_cached_tokens = 12  # of its 32 cached tokens, copied up from the host tier
     again = make_request("b", 40, arrival_s=1.0, first_scheduled_s=1.5)  # after a preemption
     plan = StepPlan(1, (ScheduledNew(first, (1, 2, 3), 32, 8), ScheduledNew(again, (4, 5, 6), 0, 40)), (), (),
                     num_preemptions=2)
@@ -86,7 +87,8 @@ def test_queue_time_and_prefix_lookup_only_at_first_placement() -> None:
     assert value("switchyard_request_queue_time_seconds_count", **labels) == 1
     assert value("switchyard_request_queue_time_seconds_sum", **labels) == pytest.approx(2.0)
     assert value("switchyard_prefix_cache_queries_total", **labels) == 40
-    assert value("switchyard_prefix_cache_hits_total", **labels) == 32
+    assert value("switchyard_prefix_cache_hits_total", **labels, tier="device") == 20
+    assert value("switchyard_prefix_cache_hits_total", **labels, tier="host") == 12
     assert value("switchyard_preemptions_total", **labels) == 2
 
 

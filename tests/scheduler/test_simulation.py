@@ -56,6 +56,7 @@ class Config:
     max_num_batched_tokens: int
     max_num_seqs: int
     enable_prefix_caching: bool = True
+    num_host_blocks: int = 0  # a host tier (L2) under the device pool
 
 
 def make_workload(config: Config) -> list[Arrival]:
@@ -97,6 +98,10 @@ def check_blocks(batcher: Batcher, requests: dict[str, Request]) -> None:
         referenced.update(block_ids)
     # "used" means referenced by a live request, no more and no less.
     assert len(referenced) == manager.num_blocks_used
+    if manager.host is not None:  # host blocks are pinned only while a plan is built
+        host = manager.host
+        assert host.num_blocks_used == 0
+        assert host.num_blocks_free + host.num_blocks_cached == host.num_blocks_total
 
 
 @dataclass
@@ -108,6 +113,7 @@ class Outcome:
     num_hit_tokens: int  # prefix-cache hits over all placements, re-placements after preemption included
     num_take_all: int
     num_decodes_ahead: int  # decodes planned on a token still in flight (lookahead only)
+    num_copies_to_device: int = 0  # host-tier hits copied back up
 
 
 def simulate(config: Config, arrivals: list[Arrival], *, chaos: bool, lookahead: bool = False) -> Outcome:
@@ -117,7 +123,8 @@ def simulate(config: Config, arrivals: list[Arrival], *, chaos: bool, lookahead:
     batcher, worker = make_pair(config.num_blocks, config.block_size, max_model_len=MAX_MODEL_LEN,
                                 max_num_batched_tokens=config.max_num_batched_tokens,
                                 max_num_seqs=config.max_num_seqs, eos_token_ids=EOS_TOKEN_IDS,
-                                enable_prefix_caching=config.enable_prefix_caching)
+                                enable_prefix_caching=config.enable_prefix_caching,
+                                num_host_blocks=config.num_host_blocks)
     rng = random.Random(config.seed + 1)
     requests: dict[str, Request] = {}
     pending = list(arrivals)
@@ -172,7 +179,7 @@ def simulate(config: Config, arrivals: list[Arrival], *, chaos: bool, lookahead:
     assert all(r.status is RequestStatus.FINISHED for r in requests.values())
     return Outcome(requests, step, sum(r.num_preemptions for r in requests.values()),
                    sum(r.num_cached_tokens for r in requests.values()), num_hit_tokens, num_take_all,
-                   num_decodes_ahead)
+                   num_decodes_ahead, worker.num_copies_to_device)
 
 
 CONFIGS = [
@@ -185,6 +192,12 @@ CONFIGS = [
            enable_prefix_caching=False),
     Config(seed=7, num_requests=300, block_size=16, num_blocks=10, max_num_batched_tokens=40, max_num_seqs=4),
     Config(seed=8, num_requests=300, block_size=4, num_blocks=60, max_num_batched_tokens=8, max_num_seqs=64),
+    # A small device pool over a large host tier: most prefixes come back from L2.
+    Config(seed=9, num_requests=300, block_size=4, num_blocks=30, max_num_batched_tokens=32, max_num_seqs=8,
+           num_host_blocks=200),
+    # A host tier smaller than the device pool: it evicts too, and copies down may find no room.
+    Config(seed=10, num_requests=300, block_size=2, num_blocks=70, max_num_batched_tokens=48, max_num_seqs=16,
+           num_host_blocks=12),
 ]
 TOTALS: dict[str, int] = {}
 
@@ -203,6 +216,7 @@ def test_random_workload_is_consistent_and_matches_a_preemption_free_run(config:
     assert (outcome.num_decodes_ahead > 0) is lookahead
     if config.enable_prefix_caching:
         assert outcome.num_cached_tokens > 0 and outcome.num_hit_tokens > 0
+    assert (outcome.num_copies_to_device > 0) is (config.num_host_blocks > 0)
     num_compared = 0
     for arrival in arrivals:
         request = outcome.requests[arrival.request_id]
