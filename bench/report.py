@@ -164,7 +164,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += [f"- ratio {k}: {_fmt(v, digits=3)}" for k, v in sc["ratios"].items()]
         for key, run in sc["runs"].items():
             for name in ("prefix_hit_rate", "max_prefix_hit_rate", "hit_rate_vs_max", "fraction_of_floor",
-                         "slo_attainment", "goodput_tokens_per_s", "errors"):
+                         "slo_attainment", "goodput_tokens_per_s", "num_steps", "mean_requests_per_step",
+                         "mean_queue_time_ms", "errors"):
                 if run.get(name) not in (None, []):
                     lines.append(f"- {key} {name}: {run[name] if name == 'errors' else _fmt(run[name], digits=3)}")
         lines.append(f"\n_{sc['duration_s']:.0f} s_\n")

@@ -47,6 +47,8 @@ Knobs (constructor arguments; nothing is read from the environment):
 - `eos_token_ids` — a sampled id from this set stops a request (STOP) unless it set `ignore_eos`.
 - `max_num_batched_tokens` (default 2048) — token budget of one step, all requests together.
 - `max_num_seqs` (default 128) — most requests running (holding blocks on the worker) at once.
+- `batch_wait_ms` (default 0) — how long an idle worker's first step may wait for company
+  (`hold_until_s`; the rule is in batch_wait.py). 0 never waits.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ import bisect
 from collections import Counter
 from collections.abc import Sequence
 
+from services.scheduler.batch_wait import BatchWait
 from services.scheduler.block_manager import BlockManager
 from services.scheduler.plan import (
     RequestEvent,
@@ -95,6 +98,7 @@ class Batcher:
         eos_token_ids: Sequence[int],
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 128,
+        batch_wait_ms: float = 0.0,
     ) -> None:
         for name, value, low in (("max_model_len", max_model_len, 2),
                                  ("max_num_batched_tokens", max_num_batched_tokens, 1),
@@ -106,6 +110,7 @@ class Batcher:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
+        self.batch_wait = BatchWait(batch_wait_ms)
         self._requests: dict[str, Request] = {}  # every live request, waiting or running
         self._keys: dict[str, _OrderKey] = {}
         self._waiting: list[tuple[_OrderKey, str]] = []  # sorted; small enough that bisect beats a heap
@@ -276,6 +281,15 @@ class Batcher:
         return taken
 
     # --- one step ----------------------------------------------------------------------------
+    def hold_until_s(self, now_s: float, *, lookahead: bool = False) -> float | None:
+        """Until when the next step should wait for more arrivals (None: plan it now). Only an idle
+        worker waits: nothing running and, `lookahead` False, no step in flight (batch_wait.py)."""
+        if not self.batch_wait.wait_ms or lookahead or self._running or not self._waiting:
+            return None
+        waiting = [self._requests[rid] for _, rid in self._waiting]
+        full = len(waiting) >= self.max_num_seqs or self.num_queued_prefill_tokens >= self.max_num_batched_tokens
+        return self.batch_wait.hold_until_s(now_s, waiting, full=full)
+
     def schedule(self, *, lookahead: bool = False) -> StepPlan:
         """The next step. With `lookahead`, steps planned earlier may still be unanswered: a request
         they sample for is decoded once more on the token they will return (see the module doc)."""

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.scheduler.batch_wait import BatchWait
 from services.scheduler.canary import RollbackPolicy
 from services.scheduler.fleet import FleetConfig
 from services.scheduler.router import PoolConfig
@@ -69,6 +70,10 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
                    help="comma-separated worker addresses forming pool 'default' [SWITCHYARD_WORKER_ADDRESSES]")
     p.add_argument("--max-num-batched-tokens", type=int, default=env_int("SWITCHYARD_MAX_NUM_BATCHED_TOKENS", 2048, min_value=1))
     p.add_argument("--max-num-seqs", type=int, default=env_int("SWITCHYARD_MAX_NUM_SEQS", 128, min_value=1))
+    p.add_argument("--batch-wait-ms", type=float, default=env_float("SWITCHYARD_BATCH_WAIT_MS", 0.0, min_value=0.0),
+                   help="an idle worker's first step waits up to this long for more requests to batch with "
+                        "(or until they fill a step); raises throughput under bursty load, adds up to this "
+                        "much TTFT; 0 never waits [SWITCHYARD_BATCH_WAIT_MS]")
     p.add_argument("--max-waiting-requests", type=int, default=env_int("SWITCHYARD_MAX_WAITING_REQUESTS", 1024, min_value=1))
     p.add_argument("--step-timeout-s", type=float, default=env_float("SWITCHYARD_STEP_TIMEOUT_S", 60.0))
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
@@ -114,6 +119,7 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
     add_tls_arguments(p)
     a = p.parse_args(argv)
     try:
+        BatchWait(a.batch_wait_ms)  # fails at startup, not when the first worker connects
         rollback = RollbackPolicy(
             enabled=a.rollback, window_s=a.rollback_window_s, min_requests=a.rollback_min_requests,
             max_error_rate_increase=a.rollback_max_error_rate_increase,
@@ -134,6 +140,7 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
                           f"{sorted(pool.name for pool in pools)}")
     fleet = FleetConfig(
         pools=pools, max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
+        batch_wait_ms=a.batch_wait_ms,
         max_waiting_requests=a.max_waiting_requests, step_timeout_s=a.step_timeout_s,
         async_scheduling=a.async_scheduling, load_weight=a.load_weight, decode_cost_tokens=a.decode_cost_tokens, routing=a.routing,
         tls=tls_from_args(a), rollback=rollback, discovery_interval_s=a.discovery_interval_s,

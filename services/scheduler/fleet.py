@@ -34,6 +34,7 @@ class FleetConfig:
     pools: tuple[PoolConfig, ...]
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 128
+    batch_wait_ms: float = 0.0  # an idle worker's first step may wait this long for company (batch_wait.py)
     max_waiting_requests: int = 1024  # across the fleet; beyond it new requests get RESOURCE_EXHAUSTED
     step_timeout_s: float = 60.0
     async_scheduling: bool = True  # plan step N+1 while the worker computes step N
@@ -93,7 +94,7 @@ class Fleet:
             address, pool, on_events=self._deliver, on_down=self._on_worker_down,
             max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
             step_timeout_s=config.step_timeout_s, probe_interval_s=config.probe_interval_s, clock=self._clock,
-            tls=config.tls, async_scheduling=config.async_scheduling,
+            tls=config.tls, async_scheduling=config.async_scheduling, batch_wait_ms=config.batch_wait_ms,
         )
 
     async def start(self, wait_s: float = 0.0) -> None:

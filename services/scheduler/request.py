@@ -68,7 +68,7 @@ class Request:
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     priority: int = 0  # higher first
-    arrival_s: float = 0.0
+    arrival_s: float = 0.0  # same clock as deadline_s; the batch wait (batch_wait.py) counts from it
     deadline_s: float | None = None  # absolute, same clock as the `now_s` given to Batcher.expire
     session_id: str = ""
     cache_salt: str = ""

@@ -52,6 +52,7 @@ class WorkerLoop:
         clock: Callable[[], float] = time.monotonic,
         tls: TlsConfig | None = None,
         async_scheduling: bool = True,
+        batch_wait_ms: float = 0.0,
     ) -> None:
         self.address = address
         self.pool = pool
@@ -66,6 +67,7 @@ class WorkerLoop:
         self._on_up = on_up
         self._max_num_batched_tokens = max_num_batched_tokens
         self._max_num_seqs = max_num_seqs
+        self._batch_wait_ms = batch_wait_ms
         self._step_timeout_s = step_timeout_s
         self._probe_interval_s = probe_interval_s
         self._clock = clock
@@ -156,6 +158,7 @@ class WorkerLoop:
             self.batcher = Batcher(
                 manager, max_model_len=self.spec.max_model_len, eos_token_ids=self.spec.eos_token_ids,
                 max_num_batched_tokens=self._max_num_batched_tokens, max_num_seqs=self._max_num_seqs,
+                batch_wait_ms=self._batch_wait_ms,
             )
             self.up = True
             logger.info("worker %s (pool %s) up: %s %s, %d blocks, %d host blocks", self.address, self.pool,
@@ -179,12 +182,15 @@ class WorkerLoop:
                 if not self.up and not batcher.has_work() and not in_flight:
                     return  # drained or retired: probe for whatever process comes back on this address
                 self._wake.clear()
-                expired = batcher.expire(self._clock())
+                now_s = self._clock()
+                expired = batcher.expire(now_s)
                 if expired:
                     self._on_events(expired)
                 # A lookahead plan never preempts: short of blocks, the steps in flight are answered first.
                 can_plan = len(in_flight) < self._max_steps_in_flight and not (in_flight and batcher.short_of_blocks)
-                plan = batcher.schedule(lookahead=bool(in_flight)) if can_plan else None
+                # An idle worker's first step may hold for more arrivals (--batch-wait-ms); a busy one never does.
+                hold_until_s = batcher.hold_until_s(now_s, lookahead=bool(in_flight)) if can_plan else None
+                plan = batcher.schedule(lookahead=bool(in_flight)) if can_plan and hold_until_s is None else None
                 if plan is not None and not plan.is_empty:
                     metrics.observe_schedule(self, plan, self._clock())
                     await self._send(plan)
@@ -194,6 +200,8 @@ class WorkerLoop:
                 elif not in_flight:
                     held = self._hand_over(held)
                     timeout = IDLE_POLL_S if batcher.has_work() else None
+                    if hold_until_s is not None:  # an arrival (wake) may fill the step before the hold ends
+                        timeout = min(IDLE_POLL_S, max(hold_until_s - self._clock(), 0.0))
                     try:
                         await asyncio.wait_for(self._wake.wait(), timeout)
                     except TimeoutError:

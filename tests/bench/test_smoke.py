@@ -95,3 +95,22 @@ def test_the_llama_cpp_scenario_runs_both_precisions_against_the_roofline(tmp_pa
         assert 0 < w1["fraction_of_floor"] < 10
     assert set(scenario["skipped"]) == {"llama_q4_1", "llama_bf16"}
     assert "Roofline" in (tmp_path / "latest.md").read_text()
+
+
+def test_the_batch_wait_scenario_runs_each_wait_on_poisson_arrivals(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`batch_wait` (letter k) in quick mode: one open-loop run per --batch-wait-ms value, each with
+    throughput, TTFT percentiles and the workers' step counts."""
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--scenarios", "k", "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"bench.run exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    (scenario,) = json.loads((tmp_path / "latest.json").read_text())["scenarios"]
+    assert scenario["name"] == "batch_wait" and scenario["error"] == ""
+    workload = scenario["config"]["workload"]
+    assert workload["request_rate"] > 0 and workload["concurrency"] is None
+    assert set(scenario["runs"]) == {f"wait_{w:g}ms" for w in scenario["config"]["batch_wait_ms"]}
+    for key, run in scenario["runs"].items():
+        assert run["num_completed"] == run["num_requests"] == workload["num_requests"], (key, run["errors"])
+        assert run["output_throughput_tokens_per_s"] > 0, key
+        assert 0 < run["ttft_s"]["p50"] <= run["ttft_s"]["p99"], key
+        assert run["num_steps"] > 0 and run["mean_requests_per_step"] >= 1, key
+    assert [t["status"] for t in scenario["targets"]] in (["PASS"], ["FAIL"])

@@ -52,3 +52,15 @@ def test_dns_pools_and_rollback_flags(tmp_path) -> None:
     path.write_text(json.dumps({"pools": [{"name": "empty", "version": "v1"}]}))
     with pytest.raises(ConfigError, match="pools\\[empty\\]: give 'workers'"):
         parse_config(["--pools-file", str(path)])
+
+
+def test_batch_wait_ms_defaults_to_never_and_refuses_negative_values(monkeypatch) -> None:
+    assert parse_config([]).fleet.batch_wait_ms == 0.0
+    assert parse_config(["--batch-wait-ms", "2.5"]).fleet.batch_wait_ms == 2.5
+    with pytest.raises(ConfigError, match="--batch-wait-ms: must be a finite number of milliseconds >= 0, got -1"):
+        parse_config(["--batch-wait-ms", "-1"])
+    monkeypatch.setenv("SWITCHYARD_BATCH_WAIT_MS", "5")
+    assert parse_config([]).fleet.batch_wait_ms == 5.0
+    monkeypatch.setenv("SWITCHYARD_BATCH_WAIT_MS", "-5")
+    with pytest.raises(ConfigError, match="SWITCHYARD_BATCH_WAIT_MS must be >= 0"):
+        parse_config([])

@@ -191,3 +191,66 @@ async def test_full_waiting_queue_is_resource_exhausted_with_retry_hint(tiny_mod
         assert all(dict(r.trailing_metadata()).get("retry-after-ms") for r in refused)
         assert len(served) >= 4 and all(len(tokens) == 30 for tokens, _, _ in served)
         assert await blocks_in_use(stack.stub) == 0
+
+
+def record_plans(stack: Stack) -> list:
+    """Every non-empty plan the stack's single worker loop sends from now on, in order."""
+    (loop,) = stack.fleet.loops.values()
+    schedule = loop.batcher.schedule
+    plans = []
+
+    def recording(**kw):
+        plan = schedule(**kw)
+        if not plan.is_empty:
+            plans.append(plan)
+        return plan
+
+    loop.batcher.schedule = recording
+    return plans
+
+
+@pytest.mark.parametrize(("batch_wait_ms", "same_step"), [(500.0, True), (0.0, False)])
+async def test_batch_wait_puts_requests_a_few_ms_apart_in_one_first_step(tiny_model_dir, batch_wait_ms,
+                                                                         same_step) -> None:
+    async with Stack(tiny_model_dir, num_workers=1, batch_wait_ms=batch_wait_ms) as stack:
+        plans = record_plans(stack)
+        first_prompt, second_prompt = prompts(2, 4096, seed=8, lo=10, hi=30)
+        first = asyncio.create_task(collect(stack.stub, greedy_request("first", first_prompt, 4)))
+        while "first" not in stack.fleet.live:  # it reached the idle worker
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.005)
+        second = asyncio.create_task(collect(stack.stub, greedy_request("second", second_prompt, 4)))
+        results = await asyncio.gather(first, second)
+        first_step = {rid: next(i for i, p in enumerate(plans) if rid in {n.request.request_id for n in p.new_requests})
+                      for rid in ("first", "second")}
+        assert (first_step["first"] == first_step["second"]) is same_step, first_step
+        for prompt, (tokens, last, _) in zip((first_prompt, second_prompt), results):
+            assert last.finish_reason == api_pb.FINISH_REASON_LENGTH
+            assert_greedy_matches(hf_greedy(tiny_model_dir, prompt, 4), tokens, "batch wait")
+
+
+async def test_batch_wait_never_delays_an_abort_a_deadline_or_a_full_step(tiny_model_dir) -> None:
+    async with Stack(tiny_model_dir, num_workers=1, batch_wait_ms=5000.0, max_num_seqs=2) as stack:
+        (loop,) = stack.fleet.loops.values()
+        prompt = prompts(1, 4096, seed=9, lo=20, hi=20)[0]
+        started = time.perf_counter()
+        waiting = asyncio.create_task(collect(stack.stub, greedy_request("abort-me", prompt, 4)))
+        while "abort-me" not in stack.fleet.live:
+            await asyncio.sleep(0.001)
+        assert (await stack.stub.Abort(pb.AbortRequest(request_id="abort-me"))).found
+        tokens, last, _ = await waiting
+        assert last.finish_reason == api_pb.FINISH_REASON_ABORT and tokens == []
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in stack.stub.Generate(greedy_request("late", prompt, 4), timeout=0.3):
+                pass
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        while stack.fleet.live or loop.batcher.has_work():
+            await asyncio.sleep(0.01)
+        assert loop.num_steps == 0 and time.perf_counter() - started < 3.0  # both ended inside the wait
+        # Two requests fill max_num_seqs: their step goes at once, not after 5 s.
+        started = time.perf_counter()
+        results = await asyncio.gather(*(collect(stack.stub, greedy_request(f"full{i}", p, 4))
+                                         for i, p in enumerate(prompts(2, 4096, seed=10, lo=10, hi=30))))
+        assert all(len(tokens) == 4 for tokens, _, _ in results)
+        assert time.perf_counter() - started < 3.0
+        assert await blocks_in_use(stack.stub) == 0
