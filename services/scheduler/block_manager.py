@@ -7,9 +7,11 @@ approximate radix tree: the router asks `num_cached_prefix_tokens`, the batcher 
 became full and computed.
 
 Lifecycle of a block: free -> used (allocated or hit) -> published (indexed) -> freed by its last
-user, when it stays cached at the free-list tail until allocation reaches it and evicts it. Freeing
-a table puts its last block on the list first, so a prefix is evicted from its tail inwards and its
-head (shared by the most prompts) survives longest.
+user, when it stays cached on the free list until the eviction policy (`lru` or `lfu`, see
+services/scheduler/eviction.py) gives it up to an allocation. Freeing a table puts its last block on
+the list first, so a prefix is evicted from its tail inwards and its head (shared by the most
+prompts) survives longest; under `lfu` too, since every hit on a block is a hit on the blocks
+before it, and equal counts go in release order.
 
 With a host tier (`num_host_blocks`, the worker's `--kv-host-cache-mib`), eviction from the device
 pool is not the end of a block: its K/V is copied down to the host tier (`host_tier.py`), and a
@@ -25,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.scheduler.block_pool import NULL_BLOCK_ID, BlockPool
+from services.scheduler.eviction import DEFAULT_EVICTION
 from services.scheduler.host_tier import HostTier
 from services.scheduler.prefix_index import ROOT_HASH, PrefixIndex
 from shared.errors import InvalidArgument
@@ -43,7 +46,8 @@ class BlockManager:
     """Block tables of the live requests on one worker, over a BlockPool and a PrefixIndex."""
 
     def __init__(self, num_blocks: int, block_size: int, model_version: str,
-                 enable_prefix_caching: bool = True, num_host_blocks: int = 0) -> None:
+                 enable_prefix_caching: bool = True, num_host_blocks: int = 0,
+                 eviction: str = DEFAULT_EVICTION) -> None:
         if block_size < 1:
             raise InvalidArgument(f"must be >= 1, got {block_size}", field="block_size")
         if num_host_blocks < 0:
@@ -51,11 +55,12 @@ class BlockManager:
         self.block_size = block_size
         self.model_version = model_version
         self.enable_prefix_caching = enable_prefix_caching
+        self.eviction = eviction  # every pool of this worker's blocks evicts by the same policy
         self._index = PrefixIndex(block_size, model_version)
-        self._pool = BlockPool(num_blocks, on_evict=self._evicted)
+        self._pool = BlockPool(num_blocks, on_evict=self._evicted, eviction=eviction)
         self._tables: dict[str, _Table] = {}
         # A tier with only its reserved block holds nothing; without prefix caching nothing is kept.
-        self.host = (HostTier(num_host_blocks, block_size, model_version)
+        self.host = (HostTier(num_host_blocks, block_size, model_version, eviction)
                      if num_host_blocks >= 2 and enable_prefix_caching else None)
         self._copies_to_host: list[tuple[int, int]] = []  # (device block, host block), for the next plan
         self._copies_to_device: list[tuple[int, int]] = []  # (host block, device block)
@@ -86,7 +91,8 @@ class BlockManager:
 
     def lookup_prefix(self, token_ids: Sequence[int], cache_salt: str,
                       keys: Sequence[bytes] | None = None) -> list[int]:
-        """Block ids of the longest cached full-block prefix; no refs taken, LRU order untouched.
+        """Block ids of the longest cached full-block prefix; no refs taken, eviction order untouched
+        (a router's look is not a hit).
         `keys` are this prompt's `block_keys`, when the caller already has them."""
         if not self.enable_prefix_caching:
             return []

@@ -1,10 +1,12 @@
-"""Block pool: reference counts and the LRU free list of one worker's KV blocks.
+"""Block pool: reference counts and the free list of one worker's KV blocks.
 
 The scheduler owns the worker's block table, so this pool is the single source of truth for which
 physical blocks are in use. A block whose last user went away may still hold KV for a published
 prefix ("cached"); it stays where it is until the pool actually needs the space, so a later request
-with the same prefix can skip its prefill. When space is needed, the least recently freed block goes
-first: a prefix nobody has touched for longest is the one least likely to be asked for again.
+with the same prefix can skip its prefill. When space is needed, a block that holds nothing goes
+first, then the cached block the eviction policy (services/scheduler/eviction.py) gives up: under
+`lru` the least recently freed, a prefix nobody has touched for longest being the one least likely
+to be asked for again; under `lfu` the one with the fewest recent hits.
 
 Block 0 is the null block the worker pads block tables with; it never holds real KV, so it is never
 on the free list and can never be handed out.
@@ -16,9 +18,9 @@ the exact moment the KV behind it stops being valid.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+from services.scheduler.eviction import DEFAULT_EVICTION, new_policy
 from shared.errors import InvalidArgument, ResourceExhausted
 
 NULL_BLOCK_ID = 0
@@ -27,14 +29,18 @@ EvictCallback = Callable[[bytes, int], None]
 
 
 class BlockPool:
-    """Ref counts, optional (hash, tokens) per block, and an LRU-ordered free list with O(1) updates."""
+    """Ref counts, optional (hash, tokens) per block, and a free list ordered by the eviction policy
+    (`lru`: O(1) updates; `lfu`: O(log n))."""
 
-    def __init__(self, num_blocks: int, *, on_evict: EvictCallback | None = None) -> None:
+    def __init__(self, num_blocks: int, *, on_evict: EvictCallback | None = None,
+                 eviction: str = DEFAULT_EVICTION) -> None:
         if num_blocks < 1:
             raise InvalidArgument(f"must be >= 1 (block 0 is the reserved null block), got {num_blocks}",
                                   field="num_blocks")
         self.num_blocks = num_blocks
+        self.eviction = eviction
         self._on_evict = on_evict
+        self._free = new_policy(eviction, num_blocks)
         self.reset()
 
     def reset(self) -> None:
@@ -42,9 +48,7 @@ class BlockPool:
         self._ref_counts: list[int] = [0] * self.num_blocks
         self._block_hashes: list[bytes | None] = [None] * self.num_blocks
         self._token_ids: list[tuple[int, ...] | None] = [None] * self.num_blocks
-        # OrderedDict rather than a deque: a cache hit must pull a block out of the middle in O(1).
-        # Head = next to be allocated (evicted), tail = most recently freed.
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, self.num_blocks))
+        self._free.reset(range(1, self.num_blocks))
         # Counters kept incrementally so stats never scan the pool.
         self._num_used = 0
         self._num_cached = 0
@@ -91,12 +95,13 @@ class BlockPool:
 
     def free_block_ids(self) -> list[int]:
         """The free list in eviction order (next to be allocated first). O(n); for stats and tests."""
-        return list(self._free)
+        return self._free.block_ids()
 
     # --- transitions ----------------------------------------------------------------------------
 
     def allocate(self, num_blocks: int) -> list[int]:
-        """Takes `num_blocks` blocks from the free-list head, each with ref_count 1, evicting cached ones."""
+        """Takes `num_blocks` blocks from the free-list head, each with ref_count 1, evicting cached ones
+        (free ones first, then the cached ones in the policy's order)."""
         if num_blocks < 0:
             raise InvalidArgument(f"must be >= 0, got {num_blocks}", field="num_blocks")
         if num_blocks > len(self._free):
@@ -105,7 +110,7 @@ class BlockPool:
                                     retry_after_s=0.0, field="num_blocks")
         block_ids: list[int] = []
         for _ in range(num_blocks):
-            block_id, _ = self._free.popitem(last=False)
+            block_id = self._free.pop()
             block_hash = self._block_hashes[block_id]
             if block_hash is not None:
                 self._num_cached -= 1
@@ -119,29 +124,32 @@ class BlockPool:
         return block_ids
 
     def ref(self, block_id: int) -> None:
-        """One more user of `block_id`; a cache hit on an unreferenced block pulls it off the free list."""
+        """One more user of `block_id`; a cache hit on an unreferenced block pulls it off the free list.
+
+        Callers ref a published block only through a prefix-cache match, so that is what LFU counts."""
         self._check_usable(block_id)
+        if self._block_hashes[block_id] is not None:
+            self._free.record_hit(block_id)
         if self._ref_counts[block_id] == 0:
-            del self._free[block_id]
+            self._free.reclaim(block_id)
             self._num_used += 1
             if self._block_hashes[block_id] is not None:
                 self._num_cached -= 1
         self._ref_counts[block_id] += 1
 
     def free(self, block_id: int) -> None:
-        """One user fewer; at zero a cached block joins the free-list tail (kept longest), an
+        """One user fewer; at zero a cached block joins the free list where the policy puts it, an
         uncached one the head (reused first: evicting it loses nothing)."""
         self._check_usable(block_id)
         if self._ref_counts[block_id] == 0:
             raise InvalidArgument(f"block {block_id} is not referenced (double free)", field="block_id")
         self._ref_counts[block_id] -= 1
         if self._ref_counts[block_id] == 0:
-            self._free[block_id] = None
+            cached = self._block_hashes[block_id] is not None
+            self._free.release(block_id, cached)
             self._num_used -= 1
-            if self._block_hashes[block_id] is not None:
+            if cached:
                 self._num_cached += 1
-            else:
-                self._free.move_to_end(block_id, last=False)
 
     def set_hash(self, block_id: int, block_hash: bytes, token_ids: Sequence[int]) -> None:
         """Marks a referenced block as published under `block_hash` (so it stays cached when freed)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from services.scheduler.batch_wait import BatchWait
 from services.scheduler.canary import RollbackPolicy
+from services.scheduler.eviction import DEFAULT_EVICTION, EVICTION_POLICIES
 from services.scheduler.fleet import FleetConfig
 from services.scheduler.router import PoolConfig
 from shared.errors import InvalidArgument
@@ -85,6 +86,11 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
     p.add_argument("--routing", default=env_str("SWITCHYARD_ROUTING", "cache_aware"),
                    choices=["cache_aware", "round_robin"],
                    help="worker choice inside a pool; round_robin is a benchmark baseline [SWITCHYARD_ROUTING]")
+    p.add_argument("--kv-eviction", default=env_str("SWITCHYARD_KV_EVICTION", DEFAULT_EVICTION),
+                   choices=EVICTION_POLICIES,
+                   help="which cached KV block a worker's pool gives up first: lru (least recently used; "
+                        "working sets that shift) or lfu (fewest recent hits; a few hot prefixes under "
+                        "scans of one-off prompts) [SWITCHYARD_KV_EVICTION]")
     p.add_argument("--startup-wait-s", type=float, default=env_float("SWITCHYARD_STARTUP_WAIT_S", 120.0),
                    help="how long to wait for workers before serving")
     p.add_argument("--grace-s", type=float, default=env_float("SWITCHYARD_GRACE_S", 10.0))
@@ -128,6 +134,10 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
     except InvalidArgument as e:
         flag = "--" + (e.field or "rollback").replace(".", "-").replace("_", "-")
         raise ConfigError(f"{flag}: {str(e).removeprefix(f'{e.field}: ')}") from e
+    if a.kv_eviction not in EVICTION_POLICIES:
+        # argparse checks `choices` on the command line only, never a default taken from the environment.
+        raise ConfigError(f"--kv-eviction / SWITCHYARD_KV_EVICTION: must be one of {', '.join(EVICTION_POLICIES)}, "
+                          f"got {a.kv_eviction!r}")
     if a.pools_file:
         pools = load_pools(a.pools_file)
     else:
@@ -144,6 +154,7 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
         max_waiting_requests=a.max_waiting_requests, step_timeout_s=a.step_timeout_s,
         async_scheduling=a.async_scheduling, load_weight=a.load_weight, decode_cost_tokens=a.decode_cost_tokens, routing=a.routing,
         tls=tls_from_args(a), rollback=rollback, discovery_interval_s=a.discovery_interval_s,
+        kv_eviction=a.kv_eviction,
     )
     return SchedulerConfig(host=a.host, port=a.port, metrics_port=a.metrics_port, fleet=fleet,
                            startup_wait_s=a.startup_wait_s, grace_s=a.grace_s,

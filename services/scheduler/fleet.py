@@ -20,6 +20,7 @@ from services.scheduler.admission import ModelLimits, Submission, build_request
 from services.scheduler.batcher import RequestEvent
 from services.scheduler.canary import PoolView, RollbackGuard, RollbackPolicy
 from services.scheduler.discovery import DnsTarget, diff, resolve
+from services.scheduler.eviction import DEFAULT_EVICTION, check_eviction
 from services.scheduler.request import ErrorKind, FinishReason, Request, RequestError
 from services.scheduler.router import PoolConfig, Router, RoutingDecision, WorkerLoad
 from services.scheduler.worker_loop import WorkerLoop
@@ -47,6 +48,11 @@ class FleetConfig:
     rollback: RollbackPolicy = RollbackPolicy()
     discovery_interval_s: float = 5.0  # how often pools with `dns` are resolved again
     rollback_check_interval_s: float = 1.0  # how often the pools' windows are judged
+    kv_eviction: str = DEFAULT_EVICTION  # which cached KV block every worker's pools give up first
+
+    def __post_init__(self) -> None:
+        # Checked here, not when a worker first connects, so a bad value stops the scheduler at startup.
+        check_eviction(self.kv_eviction, field="kv_eviction")
 
 
 @dataclass
@@ -95,6 +101,7 @@ class Fleet:
             max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
             step_timeout_s=config.step_timeout_s, probe_interval_s=config.probe_interval_s, clock=self._clock,
             tls=config.tls, async_scheduling=config.async_scheduling, batch_wait_ms=config.batch_wait_ms,
+            kv_eviction=config.kv_eviction,
         )
 
     async def start(self, wait_s: float = 0.0) -> None:

@@ -22,15 +22,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from services.scheduler.block_pool import BlockPool
+from services.scheduler.eviction import DEFAULT_EVICTION
 from services.scheduler.prefix_index import PrefixIndex
 
 
 class HostTier:
     """Host-memory block pool and prefix index of one worker; pure bookkeeping, no I/O."""
 
-    def __init__(self, num_blocks: int, block_size: int, model_version: str) -> None:
+    def __init__(self, num_blocks: int, block_size: int, model_version: str, eviction: str = DEFAULT_EVICTION) -> None:
         self._index = PrefixIndex(block_size, model_version)
-        self._pool = BlockPool(num_blocks, on_evict=self._index.remove)
+        # The device pool's policy (a copy up counts as a hit on the host block).
+        self._pool = BlockPool(num_blocks, on_evict=self._index.remove, eviction=eviction)
         self._pinned: list[int] = []  # sources and destinations of the plan being built's copies
     # --- counts (block 0 excluded, as in the device pool) ----------------------------------------
 

@@ -21,6 +21,7 @@ from switchyard.worker.v1 import worker_pb2_grpc
 from services.scheduler import metrics, wire
 from services.scheduler.batcher import Batcher, RequestEvent, RequestOutput, StepPlan
 from services.scheduler.block_manager import BlockManager
+from services.scheduler.eviction import DEFAULT_EVICTION
 from services.scheduler.request import Request
 from services.scheduler.worker_spec import WorkerSpec
 from shared.channel import open_channel
@@ -53,6 +54,7 @@ class WorkerLoop:
         tls: TlsConfig | None = None,
         async_scheduling: bool = True,
         batch_wait_ms: float = 0.0,
+        kv_eviction: str = DEFAULT_EVICTION,
     ) -> None:
         self.address = address
         self.pool = pool
@@ -62,6 +64,7 @@ class WorkerLoop:
         self.num_steps = 0
         self.num_steps_in_flight = 0  # sent and not yet answered (their plans predate any later abort)
         self._max_steps_in_flight = 2 if async_scheduling else 1
+        self.kv_eviction = kv_eviction  # the policy of every block pool this loop mirrors
         self._on_events = on_events
         self._on_down = on_down
         self._on_up = on_up
@@ -154,7 +157,7 @@ class WorkerLoop:
                 return
             self.spec = wire.worker_spec_from_pb(info)
             manager = BlockManager(self.spec.num_blocks, self.spec.block_size, self.spec.version,
-                                   num_host_blocks=self.spec.num_host_blocks)
+                                   num_host_blocks=self.spec.num_host_blocks, eviction=self.kv_eviction)
             self.batcher = Batcher(
                 manager, max_model_len=self.spec.max_model_len, eos_token_ids=self.spec.eos_token_ids,
                 max_num_batched_tokens=self._max_num_batched_tokens, max_num_seqs=self._max_num_seqs,
