@@ -225,8 +225,8 @@ class FakeWorker:
 def make_pair(num_blocks: int = 64, block_size: int = 4, *, max_model_len: int = 256,
               max_num_batched_tokens: int = 64, max_num_seqs: int = 16, eos_token_ids: Sequence[int] = (),
               enable_prefix_caching: bool = True, num_host_blocks: int = 0,
-              batch_wait_ms: float = 0.0) -> tuple[Batcher, FakeWorker]:
-    manager = BlockManager(num_blocks, block_size, "v1", enable_prefix_caching, num_host_blocks)
+              batch_wait_ms: float = 0.0, eviction: str = "lru") -> tuple[Batcher, FakeWorker]:
+    manager = BlockManager(num_blocks, block_size, "v1", enable_prefix_caching, num_host_blocks, eviction)
     batcher = Batcher(manager, max_model_len=max_model_len, eos_token_ids=eos_token_ids,
                       max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                       batch_wait_ms=batch_wait_ms)

@@ -57,6 +57,7 @@ class Config:
     max_num_seqs: int
     enable_prefix_caching: bool = True
     num_host_blocks: int = 0  # a host tier (L2) under the device pool
+    eviction: str = "lru"
 
 
 def make_workload(config: Config) -> list[Arrival]:
@@ -124,7 +125,7 @@ def simulate(config: Config, arrivals: list[Arrival], *, chaos: bool, lookahead:
                                 max_num_batched_tokens=config.max_num_batched_tokens,
                                 max_num_seqs=config.max_num_seqs, eos_token_ids=EOS_TOKEN_IDS,
                                 enable_prefix_caching=config.enable_prefix_caching,
-                                num_host_blocks=config.num_host_blocks)
+                                num_host_blocks=config.num_host_blocks, eviction=config.eviction)
     rng = random.Random(config.seed + 1)
     requests: dict[str, Request] = {}
     pending = list(arrivals)
@@ -198,6 +199,10 @@ CONFIGS = [
     # A host tier smaller than the device pool: it evicts too, and copies down may find no room.
     Config(seed=10, num_requests=300, block_size=2, num_blocks=70, max_num_batched_tokens=48, max_num_seqs=16,
            num_host_blocks=12),
+    Config(seed=11, num_requests=300, block_size=4, num_blocks=40, max_num_batched_tokens=32, max_num_seqs=12,
+           eviction="lfu"),
+    Config(seed=12, num_requests=300, block_size=4, num_blocks=30, max_num_batched_tokens=32, max_num_seqs=8,
+           num_host_blocks=60, eviction="lfu"),
 ]
 TOTALS: dict[str, int] = {}
 
