@@ -97,9 +97,14 @@ class Gate:
     def enabled(self) -> bool:
         return self.api_keys is not None or self.rate_limiter is not None
 
+    def key_name(self, authorization: str | None) -> str:
+        """The name of the presented key ("" if keys are off), without taking from its bucket: for
+        handlers that need to know whose call they serve after `admit` let it in."""
+        return self.api_keys.identify(authorization) if self.api_keys is not None else ""
+
     def admit(self, authorization: str | None) -> str:
         """Checks the key and takes one request from its bucket; returns the key's name ("" if keys are off)."""
-        name = self.api_keys.identify(authorization) if self.api_keys is not None else ""
+        name = self.key_name(authorization)
         if self.rate_limiter is not None:
             wait_s = self.rate_limiter.take(name, self.clock())
             if wait_s > 0:

@@ -15,6 +15,7 @@ from services.scheduler.router import PoolConfig
 from services.scheduler.servicer import AdminServicer, SchedulerServicer
 from services.tokenizer.codec import Codec
 from services.tokenizer.frontend import Frontend
+from services.tokenizer.response_cache import ResponseCache
 from services.tokenizer.scheduler_client import SchedulerClient
 from services.tokenizer.servicer import GenerationServicer
 from services.worker.executor import Executor
@@ -38,8 +39,10 @@ class PoolSpec:
 class Stack:
     def __init__(self, model_dir, num_blocks: int = 512, max_num_batched_tokens: int = 256,
                  front_door: bool = False, num_workers: int = 2, pools: tuple[PoolSpec, ...] = (),
-                 **fleet_kw) -> None:
-        """`pools` replaces the default pool of `num_workers` workers on `model_dir`."""
+                 response_cache: ResponseCache | None = None, **fleet_kw) -> None:
+        """`pools` replaces the default pool of `num_workers` workers on `model_dir`; `response_cache`
+        goes to the front door."""
+        self.response_cache = response_cache
         self.model_dir = model_dir
         self.pool_specs = pools or (PoolSpec("default", "v1", 1.0, model_dir, num_workers),)
         self.num_blocks = num_blocks
@@ -80,7 +83,8 @@ class Stack:
         self.admin = scheduler_pb2_grpc.SchedulerAdminStub(self.channel)
         if self.front_door:
             self.scheduler_client = SchedulerClient(self.scheduler_address)
-            self.frontend = Frontend(Codec(self.model_dir), self.scheduler_client, model_name="tiny-llama")
+            self.frontend = Frontend(Codec(self.model_dir), self.scheduler_client, model_name="tiny-llama",
+                                     response_cache=self.response_cache)
             generation = GenerationServicer(self.frontend, version="v1", max_request_bytes=64 * 1024)
             self.tokenizer = await self._serve("tokenizer", generation.register)
             self.api_channel = insecure_channel(f"127.0.0.1:{self.tokenizer.bound_port}")

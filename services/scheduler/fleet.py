@@ -64,6 +64,7 @@ class LiveRequest:
     # stream's outbox, or `events` for a Generate stream.
     sink: Callable[[RequestEvent], None] | None = None
     events: asyncio.Queue[RequestEvent] = field(default_factory=asyncio.Queue)
+    model_version: str = ""  # of its pool, which it never leaves (a dead worker's requests move within it)
 
     def __post_init__(self) -> None:
         if self.sink is None:
@@ -84,6 +85,9 @@ class Fleet:
         self._idle.set()
         self._last_progress_s = clock()  # last token delivered, or when the fleet stopped being idle
         self.guard = RollbackGuard(config.rollback, self.router.weights())
+        # Called whenever the routable pools change; front-door sessions announce the new set.
+        self._routable_listeners: list[Callable[[], None]] = []
+        self._routable = self.router.routable()
         self.loops: dict[str, WorkerLoop] = {}
         self._dns = {p.name: DnsTarget.parse(p.dns, f"pools[{p.name}].dns") for p in config.pools if p.dns}
         self._tasks: list[asyncio.Task[None]] = []
@@ -172,7 +176,24 @@ class Fleet:
         if weight > 0:
             self.guard.rearm(pool)
         logger.info("pool %s weight %s -> %s (operator)", pool, before, weight)
+        self._routing_changed()
         return next(v for v in self.pool_views() if v.name == pool)
+
+    def routable(self) -> tuple[tuple[str, str], ...]:
+        """(name, version) of the pools new requests may go to now (weight > 0)."""
+        return self._routable
+
+    def watch_routable(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Calls `listener` whenever `routable()` changes; returns the function that stops it."""
+        self._routable_listeners.append(listener)
+        return lambda: self._routable_listeners.remove(listener)
+
+    def _routing_changed(self) -> None:
+        routable = self.router.routable()
+        if routable != self._routable:
+            self._routable = routable
+            for listener in list(self._routable_listeners):
+                listener()
 
     def observe_finished(self, live: LiveRequest | None, error: RequestError | None) -> None:
         """Feeds the rollback guard with a finished request. The client's own ends (a cancel, a stop
@@ -190,6 +211,7 @@ class Fleet:
             self.router.set_weight(rollback.pool, 0.0)
             metrics.observe_rollback(rollback)
             logger.warning("canary rollback: %s; weight set to 0", rollback.describe())
+            self._routing_changed()
 
     def pool_views(self) -> list[PoolView]:
         now = self._clock()
@@ -255,7 +277,8 @@ class Fleet:
         request.trace_context = trace_context
         decision = self.router.choose_worker(pool, request.num_prompt_tokens, self._loads(pool, request), sticky=sticky)
         metrics.observe_routed(decision)
-        live = LiveRequest(request, self.loops[decision.worker], decision, sink)
+        live = LiveRequest(request, self.loops[decision.worker], decision, sink,
+                           model_version=self.router.version_of(pool))
         if not self.live:
             self._last_progress_s = now  # an idle fleet owes no tokens; the clock starts now
         self.live[request.request_id] = live

@@ -98,3 +98,15 @@ class Delivery:
     num_cached_tokens: int
     num_output_tokens: int
     error: SwitchyardError | None = None  # set on a last event that ends the request with an error
+    pool: str = ""  # the pool computing the request; "" for a request never placed
+    model_version: str = ""  # that pool's model version label
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message down a front door's Connect stream."""
+
+    deliveries: list[Delivery]
+    # (pool, version) of every routable pool: on the stream's first message and when the set changed
+    # since the last one; None means unchanged.
+    routable: tuple[tuple[str, str], ...] | None = None

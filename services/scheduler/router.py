@@ -180,6 +180,13 @@ class Router:
     def weights(self) -> dict[str, float]:
         return {name: pool.weight for name, pool in self._pools.items()}
 
+    def routable(self) -> tuple[tuple[str, str], ...]:
+        """(name, version) of every pool new requests may go to (weight > 0), in configured order."""
+        return tuple((pool.name, pool.version) for pool in self._pools.values() if pool.weight > 0)
+
+    def version_of(self, pool: str) -> str:
+        return self._pools[pool].version
+
     def set_weight(self, pool: str, weight: float) -> None:
         current = self._pools.get(pool)
         if current is None:

@@ -48,7 +48,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     raise error_for(event.error)
                 if finished:
                     finish_reason, error = event.finish_reason.name.lower(), None
-                yield wire.event_to_pb(event, live.request)
+                yield wire.event_to_pb(event, live.request, live.decision.pool, live.model_version)
         except SwitchyardError as e:
             if live is None:  # refused at admission; a failure after it already set `error`
                 error = RequestError(ErrorKind.REFUSED, str(e))
@@ -62,8 +62,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         session = FrontDoorSession(self._fleet)
         reader = asyncio.create_task(self._read(requests, session), name="connect reader")
         try:
-            while (batch := await session.next_batch()) is not None:
-                yield wire.deliveries_to_pb(batch)
+            while (outgoing := await session.next_batch()) is not None:
+                yield wire.outgoing_to_pb(outgoing)
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
                 raise reader.exception()  # a bug in the reader ends the stream with INTERNAL
         finally:

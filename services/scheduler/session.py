@@ -20,7 +20,7 @@ from opentelemetry.trace import Span
 
 from services.scheduler import metrics
 from services.scheduler.admission import Submission
-from services.scheduler.plan import Delivery, RequestEvent
+from services.scheduler.plan import Delivery, Outgoing, RequestEvent
 from services.scheduler.fleet import Fleet, LiveRequest
 from services.scheduler.request import ErrorKind, FinishReason, RequestError
 from services.scheduler.tracing import end_request_span, start_request_span
@@ -60,6 +60,12 @@ class FrontDoorSession:
         self._outbox: list[Delivery] = []
         self._ready = asyncio.Event()
         self.input_closed = False  # the front door sends nothing more; end once its requests have
+        # The routable pools ride on the first message (no message of their own: until a request's
+        # events arrive the front door has no answer to cache) and go out again at once after every
+        # change, so a front door that caches answers drops a rolled-back pool's without delay.
+        self._routable_due = True
+        self._routable_changed = False
+        self._unwatch = fleet.watch_routable(self._on_routable_changed)
 
     def submit(self, sub: Submission, traceparent: str) -> None:
         """Admits a request; an admission error becomes its last (and only) event."""
@@ -89,22 +95,33 @@ class FrontDoorSession:
         for live, span in running.values():
             conclude(self._fleet, live, span, "abort", CLOSED)
         self.input_closed = True
+        self._unwatch()
+        self._unwatch = lambda: None
         self._ready.set()
 
     def end_input(self) -> None:
         self.input_closed = True
         self._ready.set()
 
-    async def next_batch(self) -> list[Delivery] | None:
-        """Everything delivered since the last call (waiting until there is some); None once the
-        front door has closed its side and every request has ended."""
-        while not self._outbox:
+    async def next_batch(self) -> Outgoing | None:
+        """Everything delivered since the last call, with the routable pools when they are due
+        (waiting until there is something); None once the front door has closed its side and every
+        request has ended."""
+        while not self._outbox and not self._routable_changed:
             if self.input_closed and not self._live:
                 return None
             self._ready.clear()
             await self._ready.wait()
+        routable = None
+        if self._routable_due:
+            self._routable_due = self._routable_changed = False
+            routable = self._fleet.routable()
         batch, self._outbox = self._outbox, []
-        return batch
+        return Outgoing(batch, routable)
+
+    def _on_routable_changed(self) -> None:
+        self._routable_due = self._routable_changed = True
+        self._ready.set()
 
     def _send(self, delivery: Delivery) -> None:
         self._outbox.append(delivery)
@@ -119,7 +136,7 @@ class FrontDoorSession:
         request = live.request
         error = error_for(event.error) if event.error else None
         self._send(Delivery(event, request.num_prompt_tokens, request.num_cached_tokens,
-                            len(request.output_token_ids), error))
+                            len(request.output_token_ids), error, live.decision.pool, live.model_version))
         if event.error is not None or event.finish_reason is not None:
             del self._live[event.request_id]
             finish_reason = event.finish_reason.name.lower() if event.finish_reason else "abort"

@@ -11,7 +11,7 @@ from switchyard.worker.v1 import worker_pb2 as worker_pb
 
 from services.scheduler.admission import ClientSampling, Submission
 from services.scheduler.canary import PoolView
-from services.scheduler.plan import Delivery, RequestEvent, RequestOutput, StepPlan
+from services.scheduler.plan import Outgoing, RequestEvent, RequestOutput, StepPlan
 from services.scheduler.request import FinishReason, Request, TokenLogprob
 from services.scheduler.worker_spec import WorkerSpec
 from shared.errors import ResourceExhausted
@@ -50,14 +50,14 @@ def submissions_from_pb(msg: pb.ConnectRequest) -> list[tuple[Submission, str]]:
     return [(submission_from_pb(r, r.timeout_s or None), r.traceparent) for r in msg.submissions]
 
 
-def deliveries_to_pb(batch: list[Delivery]) -> pb.ConnectResponse:
+def outgoing_to_pb(outgoing: Outgoing) -> pb.ConnectResponse:
     events = []
-    for d in batch:
+    for d in outgoing.deliveries:
         e = d.event
         msg = pb.TokenEvent(
             request_id=e.request_id, token_ids=e.token_ids, finish_reason=_FINISH_TO_PB[e.finish_reason],
             num_prompt_tokens=d.num_prompt_tokens, num_cached_tokens=d.num_cached_tokens,
-            num_output_tokens=d.num_output_tokens,
+            num_output_tokens=d.num_output_tokens, pool=d.pool, model_version=d.model_version,
         )
         if e.logprobs:
             msg.logprobs.extend(_logprob_to_api(lp) for lp in e.logprobs)
@@ -68,14 +68,19 @@ def deliveries_to_pb(batch: list[Delivery]) -> pb.ConnectResponse:
             if isinstance(d.error, ResourceExhausted):
                 msg.retry_after_s = d.error.retry_after_s
         events.append(msg)
-    return pb.ConnectResponse(events=events)
+    response = pb.ConnectResponse(events=events)
+    if outgoing.routable is not None:  # an empty set is still set: every pool at weight 0
+        response.routable.SetInParent()
+        response.routable.pools.extend(pb.ServingPool(name=name, version=version)
+                                       for name, version in outgoing.routable)
+    return response
 
 
 def _logprob_to_api(lp: TokenLogprob) -> api_pb.TokenLogprob:
     return api_pb.TokenLogprob(logprob=lp.logprob, top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
 
 
-def event_to_pb(event: RequestEvent, request: Request) -> pb.TokenEvent:
+def event_to_pb(event: RequestEvent, request: Request, pool: str = "", model_version: str = "") -> pb.TokenEvent:
     return pb.TokenEvent(
         request_id=event.request_id,
         token_ids=event.token_ids,
@@ -86,6 +91,7 @@ def event_to_pb(event: RequestEvent, request: Request) -> pb.TokenEvent:
         num_prompt_tokens=request.num_prompt_tokens,
         num_cached_tokens=request.num_cached_tokens,
         num_output_tokens=len(request.output_token_ids),
+        pool=pool, model_version=model_version,
     )
 
 

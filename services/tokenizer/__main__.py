@@ -10,7 +10,9 @@ import sys
 from services.tokenizer.codec import Codec
 from services.tokenizer.config import TokenizerConfig, parse_config
 from services.tokenizer.frontend import Frontend
+from services.tokenizer import metrics
 from services.tokenizer.http_api import create_app, serve_http
+from services.tokenizer.response_cache import ResponseCache
 from services.tokenizer.scheduler_client import SchedulerClient
 from services.tokenizer.servicer import GenerationServicer
 from shared.auth import ApiKeys, Gate, GateInterceptor
@@ -31,8 +33,10 @@ async def run(config: TokenizerConfig) -> None:
     gate = make_gate(config)
     scheduler = SchedulerClient(config.scheduler_address, config.tls,
                                 stream_interval_s=config.stream_interval_ms / 1000)
-    frontend = Frontend(codec, scheduler, model_name=config.model_name or served_model_name(config.model_dir))
-    servicer = GenerationServicer(frontend, version=config.version, max_request_bytes=config.max_request_bytes)
+    frontend = Frontend(codec, scheduler, model_name=config.model_name or served_model_name(config.model_dir),
+                        response_cache=make_response_cache(config))
+    servicer = GenerationServicer(frontend, version=config.version, max_request_bytes=config.max_request_bytes,
+                                  gate=gate)
     app = create_app(frontend, max_request_bytes=config.max_request_bytes, gate=gate) if config.http_port else None
     http = await serve_http(app, config.http_host, config.http_port, grace_s=config.grace_s,
                             tls=config.tls) if app is not None else None
@@ -52,6 +56,17 @@ async def run(config: TokenizerConfig) -> None:
         if http is not None:
             await http.stop()
         await scheduler.close()
+
+
+def make_response_cache(config: TokenizerConfig) -> ResponseCache | None:
+    if config.response_cache_mib <= 0:
+        return None
+    cache = ResponseCache(config.response_cache_bytes, config.response_cache_ttl_s,
+                          on_evict=metrics.observe_cache_eviction)
+    metrics.observe_response_cache(cache)
+    logger.info("response cache: %g MiB, TTL %g s, for greedy and seeded requests", config.response_cache_mib,
+                config.response_cache_ttl_s)
+    return cache
 
 
 def make_gate(config: TokenizerConfig) -> Gate:

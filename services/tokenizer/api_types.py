@@ -51,6 +51,18 @@ class GenerateChunk:
     logprobs: tuple[TokenLogprob, ...]
     finish_reason: str | None  # None until the last chunk; then "stop", "length" or "abort"
     usage: Usage | None = None
+    # The response cache's part in this answer, for the client to see (a header, metadata): "hit",
+    # "miss" (looked up, not there), "bypass" (the client said no-cache or no-store), "uncacheable"
+    # (not a deterministic request); None when the cache is off.
+    cache: str | None = None
+
+
+@dataclass(frozen=True)
+class ServingPool:
+    """A scheduler pool as the front door knows it: what produced an answer, and what is routable."""
+
+    name: str
+    version: str  # the pool's model version label
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,7 @@ class SchedulerEvent:
     finish_reason: str | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    served_by: ServingPool | None = None  # the pool that computed it (None: a scheduler that does not say)
 
     def merged(self, later: list[SchedulerEvent]) -> SchedulerEvent:
         """This event followed by `later` ones as one (their tokens in order, the last counts)."""
@@ -71,4 +84,5 @@ class SchedulerEvent:
             logprobs=self.logprobs + tuple(lp for e in later for lp in e.logprobs),
             finish_reason=last.finish_reason, num_prompt_tokens=last.num_prompt_tokens,
             num_cached_tokens=max(e.num_cached_tokens for e in (self, *later)),
+            served_by=last.served_by or self.served_by,
         )

@@ -4,6 +4,7 @@ the environment."""
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
 from shared.config import env_float, env_int, env_str
@@ -14,6 +15,10 @@ from shared.tls import TlsConfig, add_tls_arguments, tls_from_args
 # slower than 100 tokens/s per stream (every CPU model here) sends every step's token as it comes;
 # a faster one stops paying a whole message (about 80 us of gRPC on each side) per token.
 DEFAULT_STREAM_INTERVAL_MS = 10.0
+# Long enough for repeats within a session of work to hit, short enough that a stale answer (the
+# same model version, a changed front door) does not linger.
+DEFAULT_RESPONSE_CACHE_TTL_S = 300.0
+MIN_RESPONSE_CACHE_MIB = 1 / 1024  # 1 KiB: below it no answer fits
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,13 @@ class TokenizerConfig:
     rate_limit_per_s: float = 0.0  # per API key (or for everyone without keys); 0: no limit
     rate_limit_burst: int = 0  # bucket size; 0: one second's worth, at least 1
     stream_interval_ms: float = DEFAULT_STREAM_INTERVAL_MS
+    response_cache_mib: float = 0.0  # 0: no response cache
+    response_cache_ttl_s: float = DEFAULT_RESPONSE_CACHE_TTL_S
     tls: TlsConfig = TlsConfig()
+
+    @property
+    def response_cache_bytes(self) -> int:
+        return int(self.response_cache_mib * (1 << 20))
 
     @property
     def address(self) -> str:
@@ -77,14 +88,29 @@ def parse_config(argv: list[str] | None = None) -> TokenizerConfig:
                    help="send a stream's new tokens at most this often; tokens that arrive sooner share the "
                         "next message (the first token and the last are never held); 0: every scheduler "
                         "event at once [SWITCHYARD_STREAM_INTERVAL_MS]")
+    p.add_argument("--response-cache-mib", type=float,
+                   default=env_float("SWITCHYARD_RESPONSE_CACHE_MIB", 0.0, min_value=0),
+                   help="memory for the response cache of deterministic requests (temperature 0 or a seed), "
+                        "least recently used out first; 0 turns it off [SWITCHYARD_RESPONSE_CACHE_MIB]")
+    p.add_argument("--response-cache-ttl-s", type=float,
+                   default=env_float("SWITCHYARD_RESPONSE_CACHE_TTL_S", DEFAULT_RESPONSE_CACHE_TTL_S),
+                   help="how long a cached response may be served after it was computed "
+                        "[SWITCHYARD_RESPONSE_CACHE_TTL_S]")
     add_tls_arguments(p)
     a = p.parse_args(argv)
     if a.stream_interval_ms < 0 or a.stream_interval_ms != a.stream_interval_ms:
         p.error(f"--stream-interval-ms: must be >= 0, got {a.stream_interval_ms}")
+    mib = a.response_cache_mib
+    if not math.isfinite(mib) or mib < 0 or 0 < mib < MIN_RESPONSE_CACHE_MIB:
+        p.error(f"--response-cache-mib: must be 0 (off) or a finite number >= 1/1024 (1 KiB), got {mib}")
+    if not math.isfinite(a.response_cache_ttl_s) or a.response_cache_ttl_s <= 0:
+        p.error(f"--response-cache-ttl-s (SWITCHYARD_RESPONSE_CACHE_TTL_S): must be a finite number of seconds "
+                f"> 0, got {a.response_cache_ttl_s}")
     return TokenizerConfig(
         model_dir=a.model, model_name=a.model_name, scheduler_address=a.scheduler, host=a.host, port=a.port,
         http_host=a.http_host, http_port=a.http_port, metrics_port=a.metrics_port,
         max_request_bytes=a.max_request_bytes, version=a.version_label, grace_s=a.grace_s,
         api_keys_file=a.api_keys_file, rate_limit_per_s=a.rate_limit_per_s, rate_limit_burst=a.rate_limit_burst,
-        stream_interval_ms=a.stream_interval_ms, tls=tls_from_args(a),
+        stream_interval_ms=a.stream_interval_ms, response_cache_mib=a.response_cache_mib,
+        response_cache_ttl_s=a.response_cache_ttl_s, tls=tls_from_args(a),
     )

@@ -1,7 +1,9 @@
 """The front door's core: validate, render, encode, stream from the scheduler, detokenize, stop.
 
 Both public APIs (gRPC `Generation` and the OpenAI-compatible HTTP) call `Frontend.generate`, so
-validation, stop strings and usage are the same whichever door a client uses.
+validation, stop strings, usage and the response cache are the same whichever door a client uses.
+A cache hit replays the stored chunks as they were streamed the first time (text, token ids,
+logprobs, finish reason, usage), so a client cannot tell one from a miss but by the `cache` mark.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from services.tokenizer.api_types import (  # re-exported: the HTTP API imports 
 from services.tokenizer.codec import Codec
 from services.tokenizer import metrics
 from services.tokenizer.detokenizer import IncrementalDetokenizer
+from services.tokenizer.response_cache import CacheControl, ResponseCache, cache_key, is_deterministic
 from services.tokenizer.scheduler_client import SchedulerClient
 from services.tokenizer.stop_checker import StopChecker
 from services.tokenizer.validation import validate_input, validate_length
@@ -32,10 +35,15 @@ __all__ = ["ChatMessage", "Frontend", "GenerateChunk", "GenerateInput", "Samplin
 
 
 class Frontend:
-    def __init__(self, codec: Codec, scheduler: SchedulerClient, *, model_name: str) -> None:
+    def __init__(self, codec: Codec, scheduler: SchedulerClient, *, model_name: str,
+                 response_cache: ResponseCache | None = None) -> None:
         self.codec = codec
         self.scheduler = scheduler
         self.model_name = model_name
+        self.response_cache = response_cache
+        if response_cache is not None:
+            # Which pools' answers may be served is the scheduler's to say, on its Connect stream.
+            scheduler.on_routable = response_cache.set_routable
         self.max_model_len = codec.max_model_len
         self.vocab_size = codec.vocab_size
 
@@ -55,15 +63,17 @@ class Frontend:
             return list(inp.prompt_token_ids)
         return self.tokenize(inp.prompt, inp.messages)
 
-    async def generate(self, inp: GenerateInput) -> AsyncIterator[GenerateChunk]:
-        """Streams chunks inside one `tokenizer.generate` span (the root of the request's trace)."""
+    async def generate(self, inp: GenerateInput, *, tenant: str = "",
+                       cache_control: CacheControl = CacheControl()) -> AsyncIterator[GenerateChunk]:
+        """Streams chunks inside one `tokenizer.generate` span (the root of the request's trace).
+        `tenant` is the caller's API key name ("" without keys): part of the response cache's key."""
         span = _tracer.start_span("tokenizer.generate", attributes={
             "gen_ai.operation.name": "chat" if inp.messages else "text_completion",
             "gen_ai.request.model": self.model_name,
         })
         finish_reason, num_output_tokens = None, 0
         try:
-            async with aclosing(self._generate(inp, span)) as chunks:
+            async with aclosing(self._generate(inp, span, tenant, cache_control)) as chunks:
                 async for chunk in chunks:
                     num_output_tokens += len(chunk.token_ids)
                     finish_reason = chunk.finish_reason or finish_reason
@@ -78,7 +88,8 @@ class Frontend:
                                  "gen_ai.response.finish_reasons": [finish_reason or "cancelled"]})
             span.end()
 
-    async def _generate(self, inp: GenerateInput, span: trace.Span) -> AsyncIterator[GenerateChunk]:
+    async def _generate(self, inp: GenerateInput, span: trace.Span, tenant: str,
+                        cache_control: CacheControl) -> AsyncIterator[GenerateChunk]:
         prompt_ids = self.prompt_ids(inp)
         max_tokens = inp.sampling.max_tokens
         if max_tokens is None:
@@ -94,12 +105,30 @@ class Frontend:
             **{f"gen_ai.request.{name}": value for name in ("temperature", "top_p", "top_k", "seed")
                if (value := getattr(inp.sampling, name)) is not None},
         })
+        cache, key, mark = self.response_cache, None, None
+        if cache is not None:
+            mark = "uncacheable" if not is_deterministic(inp.sampling) else "miss" if cache_control.read else "bypass"
+            if mark != "uncacheable":
+                key = cache_key(tenant, inp.cache_salt, prompt_ids, inp.sampling)
+            if mark == "miss" and key is not None:
+                stored = cache.get(key)
+                metrics.observe_cache_lookup(hit=stored is not None)
+                if stored is not None:
+                    span.set_attribute("switchyard.response_cache", "hit")
+                    for chunk in stored:
+                        yield replace(chunk, request_id=request_id, cache="hit")
+                    return
+            span.set_attribute("switchyard.response_cache", mark)
+        # The chunks as streamed, to store once the answer is complete (None: it will not be stored).
+        recorded: list[GenerateChunk] | None = [] if key is not None and cache_control.write else None
         detokenizer = IncrementalDetokenizer(self.codec.decoder, prompt_ids)
         stopper = StopChecker(inp.sampling.stop) if inp.sampling.stop else None
         num_output_tokens = num_cached_tokens = 0
+        served_by = None
         stream = self.scheduler.stream(request_id, prompt_ids, inp, trace.set_span_in_context(span))
         async with aclosing(stream) as events:
             async for event in events:
+                served_by = event.served_by or served_by
                 num_output_tokens += len(event.token_ids)
                 num_cached_tokens = max(num_cached_tokens, event.num_cached_tokens)
                 text = detokenizer.push(event.token_ids)
@@ -115,6 +144,13 @@ class Frontend:
                 usage = None
                 if finish is not None:
                     usage = Usage(len(prompt_ids), num_output_tokens, num_cached_tokens)
-                yield GenerateChunk(request_id, text, event.token_ids, event.logprobs, finish, usage)
+                chunk = GenerateChunk(request_id, text, event.token_ids, event.logprobs, finish, usage, mark)
+                if recorded is not None and cache is not None and key is not None:
+                    recorded.append(replace(chunk, request_id="", cache=None))
+                    if finish is not None and served_by is not None:
+                        # Stored before the last chunk goes out: the answer is complete, whether or
+                        # not this client stays for it. The cache refuses an "abort".
+                        cache.put(key, recorded, served_by)
+                yield chunk
                 if finish is not None:
                     return

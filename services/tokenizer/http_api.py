@@ -32,6 +32,7 @@ from starlette.types import Send
 
 from services.tokenizer import metrics
 from services.tokenizer.frontend import Frontend, GenerateChunk
+from services.tokenizer.response_cache import CACHE_STATUS_KEY, CacheControl
 from services.tokenizer.openai_schema import (
     ChatCompletionRequest, CompletionLogprobs, CompletionRequest, Endpoint, HttpError, chat_logprobs, choice,
     describe_error, envelope, error_body, param_from_loc, usage_json,
@@ -144,11 +145,13 @@ async def _drain(request: Request) -> None:
 class _Generation:
     """One completion or chat request, from body to response."""
 
-    def __init__(self, endpoint: Endpoint, frontend: Frontend, request: Request, max_request_bytes: int) -> None:
+    def __init__(self, endpoint: Endpoint, frontend: Frontend, request: Request, max_request_bytes: int,
+                 gate: Gate) -> None:
         self.endpoint = endpoint
         self.frontend = frontend
         self.request = request
         self.max_request_bytes = max_request_bytes
+        self.gate = gate
         self.param_of: Callable[[str], str] | None = None
         self.logprobs = False
         base = request.headers.get("x-request-id") or uuid.uuid4().hex
@@ -165,13 +168,19 @@ class _Generation:
             self.param_of = req.http_param
             inp = req.to_input(self.response_id, self.frontend.model_name)
             self.logprobs = inp.sampling.logprobs is not None
-            stream = metrics.observe_chunks("http", self.frontend.generate(inp))
+            tenant, control = "", CacheControl()
+            if self.frontend.response_cache is not None:
+                tenant = self.gate.key_name(self.request.headers.get("authorization"))  # the gate admitted it
+                control = CacheControl.parse(self.request.headers.get("cache-control"))
+            stream = metrics.observe_chunks(
+                "http", self.frontend.generate(inp, tenant=tenant, cache_control=control))
             if not req.stream:
                 chunks = await _unless_disconnected(self.request, self._collect(stream))
-                return JSONResponse(self._whole(chunks))
+                return JSONResponse(self._whole(chunks), headers=_cache_header(chunks[0] if chunks else None))
             first = await _unless_disconnected(self.request, self._first(stream))
             return _SSEResponse(self._events(first, stream, req.include_usage),
-                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                         **_cache_header(first)})
         except (_ClientGone, ClientDisconnect):
             logger.debug("%s: client went away before the response started", self.response_id)
             return Response(status_code=499)
@@ -244,6 +253,11 @@ class _Generation:
         yield _DONE
 
 
+def _cache_header(chunk: GenerateChunk | None) -> dict[str, str]:
+    """The response cache's part in the answer, when the cache is on."""
+    return {CACHE_STATUS_KEY: chunk.cache} if chunk is not None and chunk.cache is not None else {}
+
+
 def set_ready(app: FastAPI, ready: bool) -> None:
     """Whether /health answers 200 and new generation requests are taken (false while draining)."""
     app.state.ready = ready
@@ -254,7 +268,8 @@ def create_app(frontend: Frontend, *, max_request_bytes: int = 1 << 20, ready: b
     app = FastAPI(title="Switchyard", summary="OpenAI-compatible API of the Switchyard front door")
     app.state.ready = ready
     app.state.closing = False  # set by HttpServer.stop once the grace is over
-    if gate is not None and gate.enabled:
+    gate = gate or Gate()
+    if gate.enabled:
         _require_gate(app, gate)
     metrics.instrument_http(app)
     created = int(time.time())
@@ -265,11 +280,11 @@ def create_app(frontend: Frontend, *, max_request_bytes: int = 1 << 20, ready: b
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await _Generation("completions", frontend, request, max_request_bytes).respond()
+        return await _Generation("completions", frontend, request, max_request_bytes, gate).respond()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await _Generation("chat", frontend, request, max_request_bytes).respond()
+        return await _Generation("chat", frontend, request, max_request_bytes, gate).respond()
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:

@@ -8,7 +8,9 @@ is mapped to the gRPC status name, so one panel compares both doors.
 Three small hooks feed it: a decorator on the gRPC `Generate` handler and an ASGI middleware on the
 HTTP generation routes measure the whole call (status, latency, in flight); `observe_chunks` wraps
 the Frontend's chunk stream for time to first token and finish reasons; a decorator on
-`Frontend.tokenize` times tokenization. Definitions are module level: registered once per process.
+`Frontend.tokenize` times tokenization. The response cache's lookups are counted by the Frontend,
+its evictions by the hook the cache is built with, and its size is read when Prometheus scrapes.
+Definitions are module level: registered once per process.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.tokenizer.api_types import GenerateChunk
+from services.tokenizer.response_cache import ResponseCache
 from shared.errors import SwitchyardError
 from shared.grpc_errors import status_code_for
 from shared.telemetry import LATENCY_BUCKETS_S
@@ -54,6 +57,20 @@ FINISH_REASONS = Counter(
 TOKENIZE_DURATION = Histogram(
     "switchyard_frontend_tokenize_duration_seconds", "Rendering and encoding one input.", buckets=TOKENIZE_BUCKETS_S)
 REQUESTS_IN_FLIGHT = Gauge("switchyard_frontend_requests_in_flight", "Generation calls being served.", ("api",))
+RESPONSE_CACHE_HITS = Counter(
+    "switchyard_frontend_response_cache_hits_total", "Deterministic requests answered from the response cache.")
+RESPONSE_CACHE_MISSES = Counter(
+    "switchyard_frontend_response_cache_misses_total",
+    "Deterministic requests looked up in the response cache and not found (bypasses are neither).")
+RESPONSE_CACHE_EVICTIONS = Counter(
+    "switchyard_frontend_response_cache_evictions_total",
+    "Response cache entries dropped: for room (capacity), past their TTL (expired), or because their pool "
+    "stopped being routable (version).", ("reason",))
+RESPONSE_CACHE_BYTES = Gauge(
+    "switchyard_frontend_response_cache_bytes", "Memory the response cache's entries hold (estimated).")
+RESPONSE_CACHE_CAPACITY_BYTES = Gauge(
+    "switchyard_frontend_response_cache_capacity_bytes", "The response cache's budget (--response-cache-mib).")
+RESPONSE_CACHE_ENTRIES = Gauge("switchyard_frontend_response_cache_entries", "Answers in the response cache.")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -129,6 +146,22 @@ async def observe_chunks(api: str, chunks: AsyncIterator[GenerateChunk]) -> Asyn
     finally:
         if num_chunks and not finished:
             FINISH_REASONS.labels(api, outcome).inc()
+
+
+def observe_cache_lookup(*, hit: bool) -> None:
+    (RESPONSE_CACHE_HITS if hit else RESPONSE_CACHE_MISSES).inc()
+
+
+def observe_cache_eviction(reason: str) -> None:
+    """The response cache's eviction hook."""
+    RESPONSE_CACHE_EVICTIONS.labels(reason).inc()
+
+
+def observe_response_cache(cache: ResponseCache) -> None:
+    """Size gauges read from the cache at scrape time, so they are never stale."""
+    RESPONSE_CACHE_BYTES.set_function(lambda: float(cache.num_bytes))
+    RESPONSE_CACHE_ENTRIES.set_function(lambda: float(cache.num_entries))
+    RESPONSE_CACHE_CAPACITY_BYTES.set(cache.max_bytes)
 
 
 def timed_tokenize(tokenize: _F) -> _F:

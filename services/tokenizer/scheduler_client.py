@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from opentelemetry import context as otel_context
@@ -21,7 +21,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from switchyard.scheduler.v1 import scheduler_pb2_grpc
 
 from services.tokenizer import wire
-from services.tokenizer.api_types import GenerateInput, SchedulerEvent
+from services.tokenizer.api_types import GenerateInput, SchedulerEvent, ServingPool
 from shared.channel import open_channel
 from shared.errors import DeadlineExceeded, InvalidArgument, SwitchyardError, Unavailable
 from shared.grpc_errors import error_from_rpc
@@ -74,10 +74,14 @@ class _Inbox:
             self.timer = None
 
 
+RoutableListener = Callable[[frozenset[ServingPool] | None], None]
+
+
 class _Connection:
     """One Connect call and the inboxes of the requests it carries."""
 
-    def __init__(self, stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+    def __init__(self, stub: scheduler_pb2_grpc.SchedulerStub, on_routable: RoutableListener) -> None:
+        self._on_routable = on_routable
         self._call = stub.Connect()
         self._inboxes: dict[str, _Inbox] = {}
         # What the writer sends next: new requests (by id, in order) and aborts.
@@ -131,6 +135,9 @@ class _Connection:
         loop = asyncio.get_running_loop()
         try:
             async for msg in self._call:
+                routable = wire.routable_from_pb(msg)
+                if routable is not None:  # before this message's events: they may be of a pool now gone
+                    self._on_routable(routable)
                 for request_id, event, error in wire.scheduler_events_from_pb(msg):
                     inbox = self._inboxes.get(request_id)
                     if inbox is None:
@@ -153,6 +160,7 @@ class _Connection:
             error = Unavailable(f"scheduler stream reader failed: {e}")
         finally:
             self.broken = error
+            self._on_routable(None)  # unknown until the next stream says
             for inbox in self._inboxes.values():
                 inbox.fail(error)
             self._inboxes.clear()
@@ -166,16 +174,20 @@ class _Connection:
 
 
 class SchedulerClient:
-    def __init__(self, address: str, tls: TlsConfig | None = None, *, stream_interval_s: float = 0.0) -> None:
+    def __init__(self, address: str, tls: TlsConfig | None = None, *, stream_interval_s: float = 0.0,
+                 on_routable: RoutableListener | None = None) -> None:
+        """`on_routable` hears the scheduler's routable pools as each stream announces them, and None
+        when a stream breaks (the set is unknown until the next one says)."""
         self.address = address
         self.stream_interval_s = stream_interval_s
+        self.on_routable: RoutableListener = on_routable or (lambda pools: None)
         self._channel = open_channel(address, tls)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self._connection: _Connection | None = None
 
     def _connected(self) -> _Connection:
         if self._connection is None or self._connection.broken is not None:
-            self._connection = _Connection(self._stub)
+            self._connection = _Connection(self._stub, lambda pools: self.on_routable(pools))
         return self._connection
 
     async def stream(self, request_id: str, prompt_token_ids: list[int], inp: GenerateInput,

@@ -12,12 +12,16 @@ from switchyard.api.v1 import generation_pb2_grpc
 
 from services.tokenizer import metrics, wire
 from services.tokenizer.frontend import Frontend
+from services.tokenizer.response_cache import CACHE_CONTROL_METADATA_KEY, CACHE_STATUS_KEY, CacheControl
+from shared.auth import AUTHORIZATION_KEY, Gate
 from shared.errors import Unavailable
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, frontend: Frontend, *, version: str = "", max_request_bytes: int = 1 << 20) -> None:
+    def __init__(self, frontend: Frontend, *, version: str = "", max_request_bytes: int = 1 << 20,
+                 gate: Gate | None = None) -> None:
         self._frontend = frontend
+        self._gate = gate or Gate()  # names the caller's key for the response cache
         self._version = version
         self._max_request_bytes = max_request_bytes
         self._num_live = 0
@@ -34,11 +38,22 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if self.draining:
             raise Unavailable("front door is draining")
         inp = wire.generate_input_from_pb(request, context.time_remaining(), self._max_request_bytes)
+        tenant, control = "", CacheControl()
+        if self._frontend.response_cache is not None:
+            metadata = {key: str(value) for key, value in context.invocation_metadata() or ()}
+            tenant = self._gate.key_name(metadata.get(AUTHORIZATION_KEY))  # the interceptor admitted it
+            control = CacheControl.parse(metadata.get(CACHE_CONTROL_METADATA_KEY))
         self._num_live += 1
         self._idle.clear()
         try:
-            async with aclosing(metrics.observe_chunks("grpc", self._frontend.generate(inp))) as chunks:
+            generation = self._frontend.generate(inp, tenant=tenant, cache_control=control)
+            first = True
+            async with aclosing(metrics.observe_chunks("grpc", generation)) as chunks:
                 async for chunk in chunks:
+                    if first and chunk.cache is not None:
+                        # Initial metadata, so a client knows a hit before it reads the first message.
+                        await context.send_initial_metadata(((CACHE_STATUS_KEY, chunk.cache),))
+                    first = False
                     yield wire.chunk_to_pb(chunk)
         finally:
             self._num_live -= 1

@@ -3,11 +3,13 @@ stream on the other."""
 
 from __future__ import annotations
 
+import functools
+
 from switchyard.api.v1 import generation_pb2 as api_pb
 from switchyard.scheduler.v1 import scheduler_pb2 as sched_pb
 
 from services.tokenizer.api_types import (
-    ChatMessage, GenerateChunk, GenerateInput, SamplingInput, SchedulerEvent, TokenLogprob,
+    ChatMessage, GenerateChunk, GenerateInput, SamplingInput, SchedulerEvent, ServingPool, TokenLogprob,
 )
 from shared.errors import InvalidArgument, SwitchyardError
 from shared.grpc_errors import error_from_status, status_from_number
@@ -101,6 +103,19 @@ def connect_request_to_pb(submissions: list[sched_pb.GenerateRequest], abort_req
     return sched_pb.ConnectRequest(submissions=submissions, abort_request_ids=abort_request_ids)
 
 
+def routable_from_pb(msg: sched_pb.ConnectResponse) -> frozenset[ServingPool] | None:
+    """The routable pools a Connect message announces; None when it announces nothing (unchanged)."""
+    if not msg.HasField("routable"):
+        return None
+    return frozenset(_serving_pool(p.name, p.version) for p in msg.routable.pools)
+
+
+@functools.lru_cache(maxsize=256)
+def _serving_pool(name: str, version: str) -> ServingPool | None:
+    # One object per pool, not one per token event; an event of a request never placed names none.
+    return ServingPool(name, version) if name else None
+
+
 def scheduler_events_from_pb(msg: sched_pb.ConnectResponse,
                              ) -> list[tuple[str, SchedulerEvent | None, SwitchyardError | None]]:
     """Each event of a Connect message: its request id, and either the event or the request's error."""
@@ -121,4 +136,5 @@ def scheduler_event_from_pb(msg: sched_pb.TokenEvent) -> SchedulerEvent:
         finish_reason=_FINISH_FROM_PB[msg.finish_reason],
         num_prompt_tokens=msg.num_prompt_tokens,
         num_cached_tokens=msg.num_cached_tokens,
+        served_by=_serving_pool(msg.pool, msg.model_version),
     )

@@ -129,3 +129,31 @@ async def test_closing_the_stream_aborts_everything_on_it(stack) -> None:
     assert len(stack.fleet.live) == 6
     stream.call.cancel()  # the front door went away
     assert await settled(stack), "requests of a closed stream still hold blocks"
+
+
+async def test_events_name_their_pool_and_the_stream_announces_routable_pools(stack) -> None:
+    stream = Stream(stack.stub)
+    await stream.send([greedy_request("first", [5, 6, 7], 4)])
+    first = await stream.call.read()
+    # The routable pools ride on the stream's first message, before its events take effect.
+    assert first.HasField("routable")
+    assert [(p.name, p.version) for p in first.routable.pools] == [("default", "v1")]
+    for event in first.events:
+        stream.events.setdefault(event.request_id, []).append(event)
+    await stream.read_until_ended({"first"})
+    assert all((e.pool, e.model_version) == ("default", "v1") for e in stream.events["first"])
+    # A weight change is announced at once, in a message of its own (no request is running).
+    await stack.admin.SetPoolWeight(pb.SetPoolWeightRequest(pool="default", weight=0.0))
+    try:
+        gone = await asyncio.wait_for(stream.call.read(), 10)
+        assert gone.HasField("routable") and list(gone.routable.pools) == [] and not gone.events
+    finally:
+        await stack.admin.SetPoolWeight(pb.SetPoolWeightRequest(pool="default", weight=1.0))
+    back = await asyncio.wait_for(stream.call.read(), 10)
+    assert [(p.name, p.version) for p in back.routable.pools] == [("default", "v1")]
+    # Unchanged since: later messages say nothing about it.
+    await stream.send([greedy_request("second", [5, 6, 7], 4)])
+    later = await asyncio.wait_for(stream.call.read(), 30)
+    assert not later.HasField("routable") and later.events[0].model_version == "v1"
+    stream.call.cancel()
+    assert await settled(stack)

@@ -26,6 +26,7 @@ PURE_CORES = (
     "services.tokenizer.validation",
     "services.tokenizer.stop_checker",
     "services.tokenizer.detokenizer",
+    "services.tokenizer.response_cache",
 )
 TRANSPORT = ("grpc", "asyncio", "opentelemetry")
 ROOT = Path(__file__).resolve().parents[2]

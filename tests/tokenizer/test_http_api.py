@@ -307,6 +307,7 @@ class ScriptedFrontend:
     model_name = "scripted"
     max_model_len = 128
     vocab_size = 100
+    response_cache = None
 
     def __init__(self, fail: Exception | None, num_chunks: int = 0) -> None:
         self.fail = fail
@@ -317,7 +318,7 @@ class ScriptedFrontend:
     def token_text(self, token_id: int) -> str:
         return f"<{token_id}>"
 
-    async def generate(self, inp: GenerateInput) -> AsyncIterator[GenerateChunk]:
+    async def generate(self, inp: GenerateInput, **_) -> AsyncIterator[GenerateChunk]:
         self.inputs.append(inp)
         try:
             for i in range(self.num_chunks):
@@ -414,7 +415,7 @@ async def test_extras_reach_the_frontend_and_small_limit_applies() -> None:
 class Endless(ScriptedFrontend):
     """Streams "x" until the consumer goes away, then says so."""
 
-    async def generate(self, inp: GenerateInput) -> AsyncIterator[GenerateChunk]:
+    async def generate(self, inp: GenerateInput, **_) -> AsyncIterator[GenerateChunk]:
         try:
             while True:
                 yield GenerateChunk(inp.request_id, "x", (1,), (), None)
