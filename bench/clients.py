@@ -194,5 +194,6 @@ def scheduler_stats(address: str) -> list[dict[str, Any]]:
     with grpc.insecure_channel(address) as channel:
         stats = scheduler_pb2_grpc.SchedulerStub(channel).GetStats(scheduler_pb2.GetStatsRequest(), timeout=10.0)
     fields = ("address", "pool", "up", "num_blocks_total", "num_blocks_used", "num_blocks_cached",
-              "num_blocks_free", "num_running_requests", "num_waiting_requests")
+              "num_blocks_free", "num_running_requests", "num_waiting_requests", "num_host_blocks_total",
+              "num_host_blocks_used", "num_host_blocks_cached", "num_host_blocks_free")
     return [{f: getattr(w, f) for f in fields} for w in stats.workers]

@@ -98,6 +98,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     num_blocks_cached=manager.num_blocks_cached, num_blocks_free=manager.num_blocks_free,
                     num_running_requests=loop.batcher.num_running, num_waiting_requests=loop.batcher.num_waiting,
                 )
+                if manager.host is not None:
+                    host = manager.host
+                    row.update(num_host_blocks_total=host.num_blocks_total, num_host_blocks_used=host.num_blocks_used,
+                               num_host_blocks_cached=host.num_blocks_cached, num_host_blocks_free=host.num_blocks_free)
             workers.append(row)
         pools = [dict(name=p.name, version=p.version, weight=p.weight) for p in self._fleet.router.pools()]
         return wire.stats_to_pb(workers, pools, len(self._fleet.live))

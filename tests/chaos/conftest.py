@@ -94,10 +94,12 @@ async def get_stats(scheduler: scheduler_pb2_grpc.SchedulerStub) -> sched_pb.Sch
 
 
 def check_block_accounting(stats: sched_pb.SchedulerStats) -> None:
-    """Every block of every up worker is exactly one of free, cached or used."""
+    """Every block of every up worker, in each tier, is exactly one of free, cached or used."""
     for w in stats.workers:
         if w.up:
             assert w.num_blocks_used + w.num_blocks_cached + w.num_blocks_free == w.num_blocks_total, w
+            assert (w.num_host_blocks_used + w.num_host_blocks_cached + w.num_host_blocks_free
+                    == w.num_host_blocks_total), w
 
 
 async def wait_quiescent(scheduler: scheduler_pb2_grpc.SchedulerStub,

@@ -119,3 +119,32 @@ def test_bad_steps_are_refused_whole(runner: ModelRunner) -> None:
         executor.execute(StepInput(2, (), (CachedRequestData("ghost", (), 1, 0),)))
     with pytest.raises(InvalidArgument, match="num_computed_tokens"):
         executor.execute(StepInput(3, (), (CachedRequestData("ok", (), 1, 2),)))
+
+
+def test_a_prefix_copied_through_the_host_tier_decodes_like_a_fresh_prefill(tiny_model_dir) -> None:
+    """Request a fills blocks 1-2; a step copies them down to host blocks 3-4 and a later one up
+    into device blocks 5-6 (as the scheduler does after evicting them), and request b starts
+    there with 32 tokens computed: its greedy tokens equal a's, computed from scratch."""
+    runner = ModelRunner(tiny_model_dir, num_blocks=16, block_size=16, kv_host_cache_bytes=8 * 2**20)
+    assert runner.kv_pool.num_host_blocks > 4
+    executor = Executor(runner)
+    [prompt] = make_prompts(runner.spec.vocab_size, [33])
+
+    def decode(rid: str, block_ids: tuple[int, ...], num_computed: int, steps: int, **copies) -> list[int]:
+        new = NewRequestData(rid, tuple(prompt), (), GREEDY, block_ids, num_computed, len(prompt) - num_computed)
+        [out] = executor.execute(StepInput(0, (new,), **copies)).outputs
+        tokens = list(out.token_ids)
+        for _ in range(steps):
+            computed = len(prompt) + len(tokens) - 1
+            [out] = executor.execute(StepInput(0, (), (CachedRequestData(rid, (), 1, computed),))).outputs
+            tokens += out.token_ids
+        return tokens
+
+    expected = decode("a", (1, 2, 3), 0, 5)
+    executor.execute(StepInput(0, finished_request_ids=("a",), copies_to_host=((1, 3), (2, 4))))
+    runner.kv_pool.clear_blocks([1, 2])  # the device copies are gone (reused by someone else)
+    assert decode("b", (5, 6, 7), 32, 5, copies_to_device=((3, 5), (4, 6))) == expected
+    with pytest.raises(InvalidArgument, match="copies_to_device"):  # refused whole: b untouched
+        executor.execute(StepInput(0, (), (CachedRequestData("b", (), 1, 38),),
+                                   copies_to_device=((3, runner.num_blocks),)))
+    assert executor.requests["b"].num_computed_tokens == 38
