@@ -12,6 +12,7 @@ forms one pool named "default". This is the only scheduler module that reads the
 from __future__ import annotations
 
 import argparse
+import math
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,9 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
                         "wasted token per request that stops on a sampled token [SWITCHYARD_ASYNC_SCHEDULING=on|off]")
     p.add_argument("--load-weight", type=float, default=env_float("SWITCHYARD_ROUTER_LOAD_WEIGHT", 1.0))
     p.add_argument("--decode-cost-tokens", type=float, default=env_float("SWITCHYARD_ROUTER_DECODE_COST_TOKENS", 8.0))
+    p.add_argument("--host-hit-cost", type=float, default=env_float("SWITCHYARD_ROUTER_HOST_HIT_COST", 0.1),
+                   help="router's charge per prompt token found in a worker's host KV tier, as a fraction of "
+                        "computing it [SWITCHYARD_ROUTER_HOST_HIT_COST]")
     p.add_argument("--routing", default=env_str("SWITCHYARD_ROUTING", "cache_aware"),
                    choices=["cache_aware", "round_robin"],
                    help="worker choice inside a pool; round_robin is a benchmark baseline [SWITCHYARD_ROUTING]")
@@ -134,6 +138,10 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
     except InvalidArgument as e:
         flag = "--" + (e.field or "rollback").replace(".", "-").replace("_", "-")
         raise ConfigError(f"{flag}: {str(e).removeprefix(f'{e.field}: ')}") from e
+    for flag, value in (("--load-weight", a.load_weight), ("--decode-cost-tokens", a.decode_cost_tokens),
+                        ("--host-hit-cost", a.host_hit_cost)):
+        if not math.isfinite(value) or value < 0:  # the router would refuse it only when built
+            raise ConfigError(f"{flag}: must be a finite number >= 0, got {value!r}")
     if a.kv_eviction not in EVICTION_POLICIES:
         # argparse checks `choices` on the command line only, never a default taken from the environment.
         raise ConfigError(f"--kv-eviction / SWITCHYARD_KV_EVICTION: must be one of {', '.join(EVICTION_POLICIES)}, "
@@ -152,7 +160,8 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
         pools=pools, max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
         batch_wait_ms=a.batch_wait_ms,
         max_waiting_requests=a.max_waiting_requests, step_timeout_s=a.step_timeout_s,
-        async_scheduling=a.async_scheduling, load_weight=a.load_weight, decode_cost_tokens=a.decode_cost_tokens, routing=a.routing,
+        async_scheduling=a.async_scheduling, load_weight=a.load_weight, decode_cost_tokens=a.decode_cost_tokens,
+        host_hit_cost=a.host_hit_cost, routing=a.routing,
         tls=tls_from_args(a), rollback=rollback, discovery_interval_s=a.discovery_interval_s,
         kv_eviction=a.kv_eviction,
     )

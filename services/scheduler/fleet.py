@@ -42,6 +42,7 @@ class FleetConfig:
     probe_interval_s: float = 1.0
     load_weight: float = 1.0
     decode_cost_tokens: float = 8.0
+    host_hit_cost: float = 0.1  # per host-tier prompt token, as a fraction of computing it
     router_seed: int | None = None
     routing: str = "cache_aware"
     tls: TlsConfig = TlsConfig()  # how to reach the workers
@@ -77,7 +78,8 @@ class Fleet:
         self.config = config
         self._resolve = resolver  # tests stand in for DNS here
         self.router = Router(config.pools, load_weight=config.load_weight,
-                             decode_cost_tokens=config.decode_cost_tokens, seed=config.router_seed,
+                             decode_cost_tokens=config.decode_cost_tokens, host_hit_cost=config.host_hit_cost,
+                             seed=config.router_seed,
                              policy=config.routing)
         self._clock = clock
         self.live: dict[str, LiveRequest] = {}

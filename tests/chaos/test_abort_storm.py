@@ -1,10 +1,11 @@
 """Abort storm: 1,000 greedy requests through the public gRPC API, 64 at a time, 30% of them
 cancelled at random moments (before the first token, during a long prompt's chunked prefill, after
-k decoded tokens), on workers whose KV pools are small enough that the scheduler must preempt.
+k decoded tokens), on workers whose KV pools are small enough that the scheduler must preempt, with
+a host KV tier under them (so evicted prefixes are copied down and hits copied up mid-storm).
 
-Afterwards no KV block is in use on any worker (free + cached + used = total), nothing is live in
-the scheduler or held by a worker, and every request that was not cancelled streamed exactly the
-tokens of Hugging Face greedy decoding (cancelled ones streamed a prefix of them).
+Afterwards no KV block is in use on any worker in either tier (free + cached + used = total),
+nothing is live in the scheduler or held by a worker, and every request that was not cancelled
+streamed exactly the tokens of Hugging Face greedy decoding (cancelled ones streamed a prefix of them).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ MIN_MAX_TOKENS, MAX_MAX_TOKENS = 4, 32
 # 63 usable blocks of 16 tokens per worker: the ~32 requests a worker runs at once need several
 # times that, so the scheduler preempts; the longest request (~420 tokens) still fits alone.
 NUM_BLOCKS = 64
+HOST_CACHE_MIB = 8  # 128 blocks of the tiny model's 64 KiB: twice the device pool
 # A small step budget splits the long prompts into several chunks: a cancel can land mid-prefill.
 MAX_NUM_BATCHED_TOKENS = 128
 LONG_PROMPT_TOKENS = 150
@@ -123,7 +125,8 @@ async def run_one(api, plan: Plan) -> Outcome:
 @pytest.fixture(scope="module")
 def stack(tiny_model_dir, tmp_path_factory):
     with running_stack(tmp_path_factory.mktemp("storm"), tiny_model_dir,
-                       worker_args=("--num-blocks", str(NUM_BLOCKS), "--num-threads", "1"),
+                       worker_args=("--num-blocks", str(NUM_BLOCKS), "--kv-host-cache-mib", str(HOST_CACHE_MIB),
+                                    "--num-threads", "1"),
                        scheduler_args=("--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS))) as (_, running):
         yield running
 
@@ -158,6 +161,9 @@ async def test_abort_storm_leaks_no_block_and_keeps_greedy_parity(stack, tiny_mo
     assert len(stats.workers) == 2 and all(w.up for w in stats.workers), stats
     for w in stats.workers:
         assert w.num_blocks_used + w.num_blocks_cached + w.num_blocks_free == w.num_blocks_total, w
+        assert w.num_host_blocks_total > 0 and w.num_host_blocks_used == 0, w
+        assert (w.num_host_blocks_used + w.num_host_blocks_cached + w.num_host_blocks_free
+                == w.num_host_blocks_total), w
     assert blocks_leaked == 0, stats
     assert stats.num_live_requests == 0, stats
     assert not any(held.values()), f"workers still hold request state: {held}"
@@ -165,6 +171,9 @@ async def test_abort_storm_leaks_no_block_and_keeps_greedy_parity(stack, tiny_mo
     preemptions = (metric_total(after, "switchyard_preemptions_total")
                    - metric_total(before, "switchyard_preemptions_total"))
     assert preemptions > 0, "the KV pool was meant to be small enough to force preemption"
+    host_hits = (metric_total(after, "switchyard_prefix_cache_hits_total", tier="host")
+                 - metric_total(before, "switchyard_prefix_cache_hits_total", tier="host"))
+    assert host_hits > 0, "evicted prefixes were meant to come back from the host tier"
 
     cancelled = [o for o in outcomes if o.cancelled]
     completed = [o for o in outcomes if not o.cancelled]
@@ -190,5 +199,6 @@ async def test_abort_storm_leaks_no_block_and_keeps_greedy_parity(stack, tiny_mo
     print(f"FIGURES: abort storm: requests={NUM_REQUESTS} concurrency={CONCURRENCY} completed={len(completed)} "
           f"cancelled={len(cancelled)} (before_first_token={phases['before_first_token']}, "
           f"mid_prefill_long_prompt={phases['before_first_token_long_prompt']}, "
-          f"mid_decode={phases['mid_decode']}) preemptions={preemptions:.0f} blocks_leaked={blocks_leaked} "
+          f"mid_decode={phases['mid_decode']}) preemptions={preemptions:.0f} host_hit_tokens={host_hits:.0f} "
+          f"blocks_leaked={blocks_leaked} "
           f"live_after={stats.num_live_requests} tokens_compared={tokens_compared} storm_s={storm_s:.1f}")

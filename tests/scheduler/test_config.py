@@ -64,3 +64,15 @@ def test_batch_wait_ms_defaults_to_never_and_refuses_negative_values(monkeypatch
     monkeypatch.setenv("SWITCHYARD_BATCH_WAIT_MS", "-5")
     with pytest.raises(ConfigError, match="SWITCHYARD_BATCH_WAIT_MS must be >= 0"):
         parse_config([])
+
+
+def test_router_costs_default_and_refuse_negative_or_nan_values(monkeypatch) -> None:
+    fleet = parse_config([]).fleet
+    assert (fleet.load_weight, fleet.decode_cost_tokens, fleet.host_hit_cost) == (1.0, 8.0, 0.1)
+    assert parse_config(["--host-hit-cost", "0.25"]).fleet.host_hit_cost == 0.25
+    for flag in ("--load-weight", "--decode-cost-tokens", "--host-hit-cost"):
+        for bad in ("-1", "nan"):
+            with pytest.raises(ConfigError, match=f"{flag}: must be a finite number >= 0"):
+                parse_config([flag, bad])
+    monkeypatch.setenv("SWITCHYARD_ROUTER_HOST_HIT_COST", "0.5")
+    assert parse_config([]).fleet.host_hit_cost == 0.5
