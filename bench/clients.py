@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -186,6 +187,26 @@ def read_counters(metrics_url: str, names: tuple[str, ...]) -> dict[str, float]:
         name = line.split("{", 1)[0].split(" ", 1)[0]
         if name in totals:
             totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def read_counter_by_label(metrics_url: str, name: str, label: str) -> dict[str, float]:
+    """One counter from one /metrics scrape, summed per value of `label` (see counter_by_label)."""
+    return counter_by_label(httpx.get(metrics_url, timeout=10.0).text, name, label)
+
+
+def counter_by_label(text: str, name: str, label: str) -> dict[str, float]:
+    """The samples of counter `name` in Prometheus text, summed per value of `label` over their
+    other labels (e.g. hit tokens per `tier` over all workers); read_counters would sum the tiers
+    together. Samples without the label are left out."""
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        labels, value = line[len(name) + 1:].rsplit("} ", 1)
+        found = re.search(rf'(?:^|,){re.escape(label)}="((?:[^"\\]|\\.)*)"', labels)
+        if found:
+            totals[found.group(1)] = totals.get(found.group(1), 0.0) + float(value)
     return totals
 
 

@@ -165,7 +165,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         for key, run in sc["runs"].items():
             for name in ("prefix_hit_rate", "max_prefix_hit_rate", "hit_rate_vs_max", "fraction_of_floor",
                          "slo_attainment", "goodput_tokens_per_s", "num_steps", "mean_requests_per_step",
-                         "mean_queue_time_ms", "errors"):
+                         "mean_queue_time_ms", "prefix_hit_tokens_device", "prefix_hit_tokens_host",
+                         "hit_tokens_vs_max", "host_blocks_cached", "errors"):
                 if run.get(name) not in (None, []):
                     lines.append(f"- {key} {name}: {run[name] if name == 'errors' else _fmt(run[name], digits=3)}")
         lines.append(f"\n_{sc['duration_s']:.0f} s_\n")

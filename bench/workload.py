@@ -93,6 +93,31 @@ def shared_prefix_workload(
     return Workload(name, tuple(requests), concurrency, None, seed, params)
 
 
+def prefix_rounds_workload(
+    name: str, *, num_prefixes: int, prefix_len: int, suffix_len: int, num_rounds: int, output_len: int,
+    vocab_size: int, concurrency: int | None = None, seed: int = 0, first_token_id: int = 8,
+) -> Workload:
+    """`num_prefixes` long prefixes, each visited once per round in a freshly shuffled order, each
+    visit with its own unique suffix: a working set that is scanned again and again.
+
+    Unlike shared_prefix_workload's random draws, every prefix comes back exactly `num_rounds` times
+    and, a round boundary aside, about `num_prefixes` other requests pass between two visits of
+    one prefix: the reuse distance is the working set, which is what a cache smaller than it must
+    fail at (an LRU cache a fraction of it never hits)."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(first_token_id, vocab_size) for _ in range(prefix_len)] for _ in range(num_prefixes)]
+    requests = []
+    for round_index in range(num_rounds):
+        order = list(range(num_prefixes))
+        rng.shuffle(order)
+        for group in order:
+            suffix = [rng.randrange(first_token_id, vocab_size) for _ in range(suffix_len)]
+            requests.append(WorkloadRequest(f"{name}-{len(requests)}", tuple(prefixes[group] + suffix), output_len))
+    params = dict(num_prefixes=num_prefixes, prefix_len=prefix_len, suffix_len=suffix_len, num_rounds=num_rounds,
+                  num_requests=len(requests), output_len=output_len, concurrency=concurrency)
+    return Workload(name, tuple(requests), concurrency, None, seed, params)
+
+
 def max_prefix_hit_tokens(workload: Workload, block_size: int) -> int:
     """The prompt tokens a perfect prefix cache could serve: for every request after the first of
     its prefix, the full blocks it shares with an earlier request (per worker it is at most this)."""

@@ -114,3 +114,26 @@ def test_the_batch_wait_scenario_runs_each_wait_on_poisson_arrivals(tmp_path: Pa
         assert 0 < run["ttft_s"]["p50"] <= run["ttft_s"]["p99"], key
         assert run["num_steps"] > 0 and run["mean_requests_per_step"] >= 1, key
     assert [t["status"] for t in scenario["targets"]] in (["PASS"], ["FAIL"])
+
+
+def test_the_host_tier_scenario_runs_without_and_with_the_host_tier(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`host_tier` (letter l) in quick mode: one run without L2 and one with, on a working set 4x the
+    device pool; only the run with L2 has host-tier hits and host blocks cached at the end."""
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--scenarios", "l", "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"bench.run exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    (scenario,) = json.loads((tmp_path / "latest.json").read_text())["scenarios"]
+    assert scenario["name"] == "host_tier" and scenario["error"] == ""
+    config, workload = scenario["config"], scenario["config"]["workload"]
+    assert config["working_set_vs_device"] == 4.0
+    assert set(scenario["runs"]) == {"without_l2", "with_l2"}
+    for key, run in scenario["runs"].items():
+        assert run["num_completed"] == run["num_requests"] == workload["num_requests"], (key, run["errors"])
+        assert run["num_output_tokens"] == workload["num_requests"] * workload["output_len"], key
+        assert 0 < run["ttft_s"]["p50"] <= run["ttft_s"]["p90"], key
+        assert run["prefix_hit_tokens_device"] + run["prefix_hit_tokens_host"] <= config["max_prefix_hit_tokens"], key
+    without, with_l2 = scenario["runs"]["without_l2"], scenario["runs"]["with_l2"]
+    assert without["prefix_hit_tokens_host"] == 0 and without["host_blocks_cached"] == 0
+    assert with_l2["prefix_hit_tokens_host"] > 0 and with_l2["host_blocks_cached"] > 0
+    assert {"with_l2/without_l2", "ttft_p50 with_l2/without_l2"} <= set(scenario["ratios"])
+    assert all(t["status"] in ("PASS", "FAIL") for t in scenario["targets"]), scenario["targets"]
