@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.scheduler.block_pool import NULL_BLOCK_ID, BlockPool
+from services.scheduler.block_pool import NULL_BLOCK_ID, BlockPool, TierCounts
 from services.scheduler.eviction import DEFAULT_EVICTION
 from services.scheduler.host_tier import HostTier
 from services.scheduler.prefix_index import ROOT_HASH, PrefixIndex
@@ -42,7 +42,7 @@ class _Table:
     parent_hash: bytes = ROOT_HASH
 
 
-class BlockManager:
+class BlockManager(TierCounts):
     """Block tables of the live requests on one worker, over a BlockPool and a PrefixIndex."""
 
     def __init__(self, num_blocks: int, block_size: int, model_version: str,
@@ -64,24 +64,6 @@ class BlockManager:
                      if num_host_blocks >= 2 and enable_prefix_caching else None)
         self._copies_to_host: list[tuple[int, int]] = []  # (device block, host block), for the next plan
         self._copies_to_device: list[tuple[int, int]] = []  # (host block, device block)
-
-    # --- counts ---------------------------------------------------------------------------------
-
-    @property
-    def num_blocks_total(self) -> int:
-        return self._pool.num_usable
-
-    @property
-    def num_blocks_used(self) -> int:
-        return self._pool.num_used
-
-    @property
-    def num_blocks_cached(self) -> int:
-        return self._pool.num_cached
-
-    @property
-    def num_blocks_free(self) -> int:
-        return self._pool.num_free
 
     # --- prefix lookups (read-only) -------------------------------------------------------------
 

@@ -171,3 +171,26 @@ class BlockPool:
         self._check_id(block_id)
         if block_id == NULL_BLOCK_ID:
             raise InvalidArgument("the null block 0 is never referenced", field="block_id")
+
+
+class TierCounts:
+    """The counts a cache tier reports (GetStats, metrics, invariants), read from its `_pool`;
+    block 0 is never counted. free + cached + used = total, always."""
+
+    _pool: BlockPool
+
+    @property
+    def num_blocks_total(self) -> int:
+        return self._pool.num_usable
+
+    @property
+    def num_blocks_used(self) -> int:
+        return self._pool.num_used
+
+    @property
+    def num_blocks_cached(self) -> int:
+        return self._pool.num_cached
+
+    @property
+    def num_blocks_free(self) -> int:
+        return self._pool.num_free

@@ -21,38 +21,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.scheduler.block_pool import BlockPool
+from services.scheduler.block_pool import BlockPool, TierCounts
 from services.scheduler.eviction import DEFAULT_EVICTION
 from services.scheduler.prefix_index import PrefixIndex
 
 
-class HostTier:
-    """Host-memory block pool and prefix index of one worker; pure bookkeeping, no I/O."""
+class HostTier(TierCounts):
+    """Host-memory block pool and prefix index of one worker; pure bookkeeping, no I/O.
+    Its `num_blocks_used` are the blocks pinned by a plan being built: 0 between steps."""
 
     def __init__(self, num_blocks: int, block_size: int, model_version: str, eviction: str = DEFAULT_EVICTION) -> None:
         self._index = PrefixIndex(block_size, model_version)
         # The device pool's policy (a copy up counts as a hit on the host block).
         self._pool = BlockPool(num_blocks, on_evict=self._index.remove, eviction=eviction)
         self._pinned: list[int] = []  # sources and destinations of the plan being built's copies
-    # --- counts (block 0 excluded, as in the device pool) ----------------------------------------
-
-    @property
-    def num_blocks_total(self) -> int:
-        return self._pool.num_usable
-
-    @property
-    def num_blocks_used(self) -> int:
-        """Pinned by a plan being built; 0 between steps."""
-        return self._pool.num_used
-
-    @property
-    def num_blocks_cached(self) -> int:
-        return self._pool.num_cached
-
-    @property
-    def num_blocks_free(self) -> int:
-        return self._pool.num_free
-
     # --- lookups ----------------------------------------------------------------------------------
 
     def match(self, token_ids: Sequence[int], cache_salt: str, keys: Sequence[bytes], start_block: int) -> list[int]:
