@@ -31,6 +31,9 @@ class WorkerConfig:
     grace_s: float
     quantization: str = "none"
     kv_host_cache_bytes: int = 0  # 0: no host tier
+    tensor_parallel_size: int = 1
+    tensor_parallel_rank: int = 0  # > 0: a follower rank rank 0 started (no gRPC, no metrics)
+    tensor_parallel_port: int = 0  # rank 0's process-group port, given to the followers
     null_model: bool = False  # serve with NullModelRunner: no weights, deterministic tokens
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (CUDA + triton backend only)
     tls: TlsConfig = TlsConfig()
@@ -82,6 +85,14 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
                    help="torch intra-op threads; 0: one per core this process may run on [SWITCHYARD_TORCH_THREADS]")
     p.add_argument("--grace-s", type=float, default=float(env_str("SWITCHYARD_GRACE_S", "10")),
                    help="seconds in-flight steps get on shutdown [SWITCHYARD_GRACE_S]")
+    p.add_argument("--tensor-parallel-size", type=int,
+                   default=env_int("SWITCHYARD_TENSOR_PARALLEL_SIZE", 1, min_value=1),
+                   help="ranks (processes) one model is split across by attention heads and MLP columns; "
+                        "this process is rank 0 and starts the others (gloo on the CPU) "
+                        "[SWITCHYARD_TENSOR_PARALLEL_SIZE]")
+    # Set by rank 0 on the followers it starts; never by hand.
+    p.add_argument("--tensor-parallel-rank", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--tensor-parallel-port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--null-model", action=argparse.BooleanOptionalAction,
                    default=env_bool("SWITCHYARD_NULL_MODEL", False),
                    help="no weights, no compute: token t is followed by t+1; measures the pipeline alone "
@@ -92,6 +103,10 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
                         "CUDA with the triton backend [SWITCHYARD_CUDA_GRAPHS]")
     add_tls_arguments(p)
     a = p.parse_args(argv)
+    if a.tensor_parallel_size < 1:
+        p.error(f"--tensor-parallel-size: must be >= 1, got {a.tensor_parallel_size}")
+    if a.tensor_parallel_size > 1 and a.null_model:
+        p.error("--tensor-parallel-size: the null model computes nothing to split; use 1 with --null-model")
     return WorkerConfig(
         model_dir=a.model, host=a.host, port=a.port, metrics_port=a.metrics_port, dtype=a.dtype,
         device=a.device, block_size=a.block_size, num_blocks=a.num_blocks or None,
@@ -99,5 +114,6 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
         attention_backend=a.attention_backend,
         version=a.version_label, model_name=a.model_name, max_model_len=a.max_model_len or None,
         num_threads=a.num_threads, grace_s=a.grace_s, quantization=a.quantization, null_model=a.null_model, cuda_graphs=a.cuda_graphs,
-        tls=tls_from_args(a),
+        tls=tls_from_args(a), tensor_parallel_size=a.tensor_parallel_size,
+        tensor_parallel_rank=a.tensor_parallel_rank, tensor_parallel_port=a.tensor_parallel_port,
     )

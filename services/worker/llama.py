@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from services.worker.kernels import AttentionBackend, AttentionMetadata
 from services.worker.linear import Linear, make_linear, smoothing_scales
+from services.worker.parallel import ShardSpec, all_reduce
 
 
 @dataclass
@@ -64,13 +65,14 @@ class LlamaModel:
     """
 
     def __init__(self, hf_model: torch.nn.Module, *, max_model_len: int, quantization: str = "none",
-                 act_absmax: dict[str, torch.Tensor] | None = None) -> None:
+                 act_absmax: dict[str, torch.Tensor] | None = None, shard: ShardSpec | None = None) -> None:
         inner = hf_model.model
         config = hf_model.config
         attn0 = inner.layers[0].self_attn
         self.head_dim = int(attn0.head_dim)
-        self.num_heads = int(config.num_attention_heads)
-        self.num_kv_heads = int(config.num_key_value_heads)
+        self.shard = shard  # tensor parallel: this rank's heads and MLP columns (parallel.py)
+        self.num_heads = int(config.num_attention_heads) if shard is None else shard.num_heads
+        self.num_kv_heads = int(config.num_key_value_heads) if shard is None else shard.num_kv_heads
         self.hidden_size = int(config.hidden_size)
         self.scale = float(attn0.scaling)
         self.eps = float(config.rms_norm_eps)
@@ -86,19 +88,27 @@ class LlamaModel:
         for i, layer in enumerate(inner.layers):
             a, m = layer.self_attn, layer.mlp
             with torch.no_grad():
+                # Smoothing scales are per input channel, so they are computed on the full weights
+                # (every rank the same) before each rank keeps its rows.
                 input_norm, qkv_w = _smooth(
                     layer.input_layernorm.weight.detach(),
                     torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), ranges.get(f"{i}.qkv"))
                 post_norm, gate_up_w = _smooth(
                     layer.post_attention_layernorm.weight.detach(),
                     torch.cat([m.gate_proj.weight, m.up_proj.weight]), ranges.get(f"{i}.gate_up"))
+                qkv_b = _cat_bias(a.q_proj, a.k_proj, a.v_proj)
+                o_w, o_b, down_w = a.o_proj.weight.detach(), a.o_proj.bias, m.down_proj.weight.detach()
+                if shard is not None:
+                    qkv_w, qkv_b, gate_up_w, o_w, down_w = self._shard(shard, config, qkv_w, qkv_b, gate_up_w,
+                                                                       o_w, down_w)
+                    o_b = o_b if shard.tp_rank == 0 else None  # summed by the all-reduce: added once
                 self.layers.append(LayerWeights(
                     input_norm=input_norm,
-                    qkv=make_linear(qkv_w, _cat_bias(a.q_proj, a.k_proj, a.v_proj), quantization),
-                    o=make_linear(a.o_proj.weight.detach(), a.o_proj.bias, quantization),
+                    qkv=make_linear(qkv_w, qkv_b, quantization),
+                    o=make_linear(o_w, o_b, quantization),
                     post_norm=post_norm,
                     gate_up=make_linear(gate_up_w, None, quantization),
-                    down=make_linear(m.down_proj.weight.detach(), None, "none"),
+                    down=make_linear(down_w, None, "none"),
                     q_norm=a.q_norm.weight.detach() if hasattr(a, "q_norm") else None,
                     k_norm=a.k_norm.weight.detach() if hasattr(a, "k_norm") else None,
                 ))
@@ -111,6 +121,25 @@ class LlamaModel:
         self.cos, self.sin = cos[0], sin[0]  # [max_model_len, head_dim]
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
+
+    def _shard(self, shard: ShardSpec, config, qkv_w: torch.Tensor, qkv_b: torch.Tensor | None,  # noqa: ANN001
+               gate_up_w: torch.Tensor, o_w: torch.Tensor, down_w: torch.Tensor) -> tuple:
+        """This rank's rows of the QKV and gate/up projections and columns of the output and down
+        projections (weights are [out, in])."""
+        hd = self.head_dim
+        q_size, kv_size = int(config.num_attention_heads) * hd, int(config.num_key_value_heads) * hd
+        q_rows = slice(shard.head_start * hd, (shard.head_start + shard.num_heads) * hd)
+        kv_rows = slice(shard.kv_head_start * hd, (shard.kv_head_start + shard.num_kv_heads) * hd)
+
+        def qkv_part(t: torch.Tensor) -> torch.Tensor:
+            q, k, v = t[:q_size], t[q_size:q_size + kv_size], t[q_size + kv_size:]
+            return torch.cat([q[q_rows], k[kv_rows], v[kv_rows]]).contiguous()
+
+        inter = gate_up_w.shape[0] // 2
+        cols = slice(shard.intermediate_start, shard.intermediate_start + shard.intermediate_size)
+        gate_up = torch.cat([gate_up_w[:inter][cols], gate_up_w[inter:][cols]]).contiguous()
+        return (qkv_part(qkv_w), None if qkv_b is None else qkv_part(qkv_b), gate_up,
+                o_w[:, q_rows].contiguous(), down_w[:, cols].contiguous())
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
@@ -145,9 +174,11 @@ class LlamaModel:
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
             backend.write_kv(k, v, kv_cache, meta.slot_mapping)
             out = backend.attention(q, kv_cache, meta, self.scale)
-            hidden = hidden + layer.o(out.reshape(num_tokens, self.q_size))
+            attn = layer.o(out.reshape(num_tokens, self.q_size))
+            hidden = hidden + (attn if self.shard is None else all_reduce(attn))
             gate_up = layer.gate_up(self._rms_norm(hidden, layer.post_norm))
             gate, up = gate_up.chunk(2, dim=-1)
-            hidden = hidden + layer.down(F.silu(gate) * up)
+            mlp = layer.down(F.silu(gate) * up)
+            hidden = hidden + (mlp if self.shard is None else all_reduce(mlp))
         # RMSNorm is per row, so normalizing only the rows that are sampled changes nothing.
         return self.lm_head(self._rms_norm(hidden[logits_indices], self.norm)).float()

@@ -7,8 +7,9 @@ K/V go to the slots a step names and attention reads the paged blocks.
 
 from __future__ import annotations
 
+
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from services.worker.kernels import AttentionMetadata, select_backend
 from services.worker.linear import QUANTIZATIONS
 from services.worker.llama import LlamaModel
 from services.worker.kv_pool import KVPool, KVPoolShape, num_blocks_for_budget, num_host_blocks_for_budget
+from services.worker.parallel import LeaderKVPool, send_forward, shard_spec
 from shared.cpu_features import cpu_features
 from shared.gguf_model import GgufModel, is_gguf_path, served_model_name
 
@@ -114,7 +116,11 @@ class ModelRunner:
         name: str | None = None,
         cuda_graphs: bool = True,
         quantization: str = "none",
+        tensor_parallel_rank: int = 0,
+        tensor_parallel_size: int = 1,
     ) -> None:
+        """With `tensor_parallel_size` > 1 the process group must already be joined
+        (parallel.init_group): rank 0 then broadcasts each KV change and forward pass to the others."""
         from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415 (slow import)
 
         self.model_dir = Path(model_dir)
@@ -161,11 +167,20 @@ class ModelRunner:
         if quantization == "int8":  # SmoothQuant's activation ranges, from the float model
             act_absmax = activation_absmax(hf_model, calibration_ids(self.model_dir))
         # Our fused forward takes the weights; HF's modules are not kept (int8 would double them).
+        shard = None
+        if tensor_parallel_size > 1:
+            shard = shard_spec(tensor_parallel_rank, tensor_parallel_size, int(config.num_attention_heads),
+                               int(num_kv_heads), int(config.intermediate_size))
+        self.tensor_parallel_rank, self.tensor_parallel_size = tensor_parallel_rank, tensor_parallel_size
         self.model = LlamaModel(hf_model, max_model_len=self.spec.max_model_len, quantization=quantization,
-                                act_absmax=act_absmax)
+                                act_absmax=act_absmax, shard=shard)
         del hf_model
-        shape = kv_pool_shape(self.spec, block_size, num_blocks, kv_cache_bytes, torch_dtype)
+        # Each rank holds its KV heads' share; the same budget then gives every rank the same block count.
+        local = self.spec if shard is None else replace(self.spec, num_kv_heads=shard.num_kv_heads)
+        shape = kv_pool_shape(local, block_size, num_blocks, kv_cache_bytes, torch_dtype)
         self.kv_pool = KVPool(shape, self.device, num_host_blocks_for_budget(kv_host_cache_bytes, shape))
+        if shard is not None and tensor_parallel_rank == 0:
+            self.kv_pool = LeaderKVPool(self.kv_pool)
         self.backend = select_backend(str(self.device), attention_backend)
         self._decode_graphs = None
         # Graphs only pay off against GPU launch overhead, and only the Triton decode path is
@@ -197,6 +212,8 @@ class ModelRunner:
         """Computes the flat batch and returns float32 logits for the rows in `logits_indices`."""
         if self._decode_graphs is not None and self._decode_graphs.can_run(input_ids, meta):
             return self._decode_graphs.run(input_ids, positions, meta, logits_indices)
+        if self.tensor_parallel_size > 1 and self.tensor_parallel_rank == 0:
+            send_forward(input_ids, positions, meta, logits_indices)
         return self._forward(input_ids, positions, meta, logits_indices)
 
     def _forward(
