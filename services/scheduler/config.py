@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.scheduler.autoscale import AutoscalePolicy
 from services.scheduler.batch_wait import BatchWait
 from services.scheduler.canary import RollbackPolicy
 from services.scheduler.eviction import DEFAULT_EVICTION, EVICTION_POLICIES
@@ -59,6 +60,37 @@ def load_pools(path: str) -> tuple[PoolConfig, ...]:
             raise ConfigError(f"pools file {path}: pools[{pool.name}]: give 'workers' (host:port list) or 'dns' "
                               "(host:port)")
     return pools
+
+
+# (flag, env, default, meaning); the defaults are AutoscalePolicy's, and the README explains them.
+_AUTOSCALE_FLAGS = (
+    ("--autoscale-target-waiting-per-worker", "SWITCHYARD_AUTOSCALE_TARGET_WAITING_PER_WORKER",
+     AutoscalePolicy.target_waiting_per_worker,
+     "waiting requests per worker above which a pool asks for more workers"),
+    ("--autoscale-target-kv-used-ratio", "SWITCHYARD_AUTOSCALE_TARGET_KV_USED_RATIO",
+     AutoscalePolicy.target_kv_used_ratio,
+     "KV blocks used / usable per worker above which a pool asks for more workers, in (0, 1]"),
+    ("--autoscale-scale-down-margin", "SWITCHYARD_AUTOSCALE_SCALE_DOWN_MARGIN", AutoscalePolicy.scale_down_margin,
+     "a pool asks for one worker fewer only when the rest would stay below (1 - this) of both targets, "
+     "in [0, 1)"),
+    ("--autoscale-min-workers", "SWITCHYARD_AUTOSCALE_MIN_WORKERS", AutoscalePolicy.min_workers,
+     "the fewest workers a pool asks for, >= 1"),
+)
+_AUTOSCALE_ENV = {float: env_float, int: env_int}
+
+
+def _autoscale_policy(a: argparse.Namespace) -> AutoscalePolicy:
+    try:
+        return AutoscalePolicy(
+            target_waiting_per_worker=a.autoscale_target_waiting_per_worker,
+            target_kv_used_ratio=a.autoscale_target_kv_used_ratio,
+            scale_down_margin=a.autoscale_scale_down_margin, min_workers=a.autoscale_min_workers,
+        )
+    except InvalidArgument as e:
+        # e.field is "autoscale.min_workers": name the flag and the variable it may have come from.
+        flag, env = next((flag, env) for flag, env, _, _ in _AUTOSCALE_FLAGS
+                         if flag == "--" + (e.field or "").replace(".", "-").replace("_", "-"))
+        raise ConfigError(f"{flag} / {env}: {str(e).removeprefix(f'{e.field}: ')}") from e
 
 
 def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
@@ -126,8 +158,14 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
     r.add_argument("--rollback-max-ttft-p99-ratio", type=float,
                    default=env_float("SWITCHYARD_ROLLBACK_MAX_TTFT_P99_RATIO", 2.0),
                    help="p99 TTFT over the baseline's that rolls back [SWITCHYARD_ROLLBACK_MAX_TTFT_P99_RATIO]")
+    s = p.add_argument_group("autoscaling signal", "switchyard_pool_desired_workers{pool}: the workers each pool "
+                             "should have for its queue and KV use (services/scheduler/autoscale.py)")
+    for flag, env, default, meaning in _AUTOSCALE_FLAGS:
+        s.add_argument(flag, type=type(default), default=_AUTOSCALE_ENV[type(default)](env, default),
+                       help=f"{meaning} [{env}]")
     add_tls_arguments(p)
     a = p.parse_args(argv)
+    autoscale = _autoscale_policy(a)
     try:
         BatchWait(a.batch_wait_ms)  # fails at startup, not when the first worker connects
         rollback = RollbackPolicy(
@@ -163,7 +201,7 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
         async_scheduling=a.async_scheduling, load_weight=a.load_weight, decode_cost_tokens=a.decode_cost_tokens,
         host_hit_cost=a.host_hit_cost, routing=a.routing,
         tls=tls_from_args(a), rollback=rollback, discovery_interval_s=a.discovery_interval_s,
-        kv_eviction=a.kv_eviction,
+        kv_eviction=a.kv_eviction, autoscale=autoscale,
     )
     return SchedulerConfig(host=a.host, port=a.port, metrics_port=a.metrics_port, fleet=fleet,
                            startup_wait_s=a.startup_wait_s, grace_s=a.grace_s,

@@ -17,6 +17,7 @@ from typing import Awaitable, Callable, Sequence
 
 from services.scheduler import metrics
 from services.scheduler.admission import ModelLimits, Submission, build_request
+from services.scheduler.autoscale import AutoscalePolicy
 from services.scheduler.batcher import RequestEvent
 from services.scheduler.canary import PoolView, RollbackGuard, RollbackPolicy
 from services.scheduler.discovery import DnsTarget, diff, resolve
@@ -50,6 +51,7 @@ class FleetConfig:
     discovery_interval_s: float = 5.0  # how often pools with `dns` are resolved again
     rollback_check_interval_s: float = 1.0  # how often the pools' windows are judged
     kv_eviction: str = DEFAULT_EVICTION  # which cached KV block every worker's pools give up first
+    autoscale: AutoscalePolicy = AutoscalePolicy()  # targets of switchyard_pool_desired_workers
 
     def __post_init__(self) -> None:
         # Checked here, not when a worker first connects, so a bad value stops the scheduler at startup.
@@ -98,7 +100,7 @@ class Fleet:
                 if address in self.loops:
                     raise InvalidArgument(f"worker {address} is listed in two pools", field="pools")
                 self.loops[address] = self._new_loop(address, pool.name)
-        metrics.observe_fleet(self)
+        metrics.observe_fleet(self, config.autoscale)
 
     def _new_loop(self, address: str, pool: str) -> WorkerLoop:
         config = self.config

@@ -22,6 +22,7 @@ from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.scheduler.autoscale import AutoscalePolicy, PoolLoad, WorkerSample, desired_workers
 from services.scheduler.batcher import Batcher
 from services.scheduler.canary import Rollback, RollbackGuard
 from services.scheduler.plan import RequestEvent, StepPlan
@@ -40,6 +41,8 @@ class WorkerLoop(Protocol):
     def address(self) -> str: ...
     @property
     def up(self) -> bool: ...
+    @property
+    def retiring(self) -> bool: ...
     @property
     def batcher(self) -> Batcher | None: ...
 
@@ -106,10 +109,23 @@ POOL_ROLLBACKS = Counter(
     ("pool", "reason"))
 REQUESTS_MIGRATED = Counter(
     "switchyard_requests_migrated_total", "Requests moved off a dead worker to another of its pool.", ("pool",))
+# The autoscaling signal and its inputs, per pool (autoscale.py has the rule). Workers that are
+# retiring (left DNS, finishing their running requests) are not counted: they are leaving.
+POOL_DESIRED_WORKERS = Gauge(
+    "switchyard_pool_desired_workers",
+    "Workers the pool should have for its queue and KV use (the scheduler's autoscaling rule).", ("pool",))
+POOL_UP_WORKERS = Gauge("switchyard_pool_up_workers", "Workers of the pool that are up and not retiring.", ("pool",))
+POOL_WAITING_REQUESTS = Gauge(
+    "switchyard_pool_waiting_requests", "Requests queued for the pool's workers that are up.", ("pool",))
+POOL_RUNNING_REQUESTS = Gauge(
+    "switchyard_pool_running_requests", "Requests holding KV blocks on the pool's workers that are up.", ("pool",))
+POOL_KV_BLOCKS_USED_RATIO = Gauge(
+    "switchyard_pool_kv_blocks_used_ratio",
+    "KV blocks referenced by a live request / usable blocks, over the pool's workers that are up.", ("pool",))
 
 
 
-def observe_fleet(fleet: Fleet) -> None:
+def observe_fleet(fleet: Fleet, autoscale: AutoscalePolicy = AutoscalePolicy()) -> None:
     """Binds the state gauges of every worker loop and pool; called once when a fleet is built."""
     for loop in fleet.loops.values():
         observe_worker_loop(loop)
@@ -120,6 +136,30 @@ def observe_fleet(fleet: Fleet) -> None:
             lambda name=pool.name: router.weights().get(name, 0.0))
         POOL_ROLLED_BACK.labels(pool.name).set_function(
             lambda name=pool.name: 1.0 if name in guard.rolled_back else 0.0)
+        # Read at scrape time too, over fleet.loops as it is then (discovery adds and drops workers).
+        # The rule is stateless, so any number of scrapers read the same answer.
+        POOL_DESIRED_WORKERS.labels(pool.name).set_function(
+            lambda name=pool.name: desired_workers(pool_load(fleet, name), autoscale))
+        POOL_UP_WORKERS.labels(pool.name).set_function(lambda name=pool.name: pool_load(fleet, name).num_workers_up)
+        POOL_WAITING_REQUESTS.labels(pool.name).set_function(
+            lambda name=pool.name: pool_load(fleet, name).num_waiting)
+        POOL_RUNNING_REQUESTS.labels(pool.name).set_function(
+            lambda name=pool.name: pool_load(fleet, name).num_running)
+        POOL_KV_BLOCKS_USED_RATIO.labels(pool.name).set_function(
+            lambda name=pool.name: pool_load(fleet, name).kv_used_ratio)
+
+
+def pool_load(fleet: Fleet, pool: str) -> PoolLoad:
+    """The autoscaling inputs of one pool now: its workers that are up and not retiring."""
+    samples = []
+    for loop in fleet.loops.values():
+        batcher = loop.batcher
+        if loop.pool != pool or not loop.up or loop.retiring or batcher is None:
+            continue
+        manager = batcher.block_manager
+        samples.append(WorkerSample(batcher.num_waiting, batcher.num_running, manager.num_blocks_used,
+                                    manager.num_blocks_total))
+    return PoolLoad.of(samples)
 
 
 def observe_worker_loop(loop: WorkerLoop) -> None:

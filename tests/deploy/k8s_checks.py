@@ -435,8 +435,125 @@ def check_namespace(objects: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
+# The prometheus scaler's metadata keys (KEDA v2.20, pkg/scalers/prometheus_scaler.go); a misspelt
+# key is ignored by KEDA, so it is an error here.
+PROMETHEUS_TRIGGER_KEYS = {"serverAddress", "query", "queryParameters", "threshold", "activationThreshold",
+                           "namespace", "customHeaders", "ignoreNullValues", "unsafeSsl", "awsRegion", "timeout",
+                           "identityOwner"}
+
+
+def _grace_s(deployment: dict[str, Any]) -> float | None:
+    """The main container's SWITCHYARD_GRACE_S (how long the service drains), None if unset."""
+    value = env_of(main_containers(deployment)[0]).get("SWITCHYARD_GRACE_S") if main_containers(deployment) else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def check_grace(objects: list[dict[str, Any]]) -> list[str]:
+    """A pod's terminationGracePeriodSeconds outlasts its service's drain (SWITCHYARD_GRACE_S), so
+    the kubelet does not kill a worker or a front door in the middle of finishing its requests."""
+    problems = []
+    for deployment in of_kind(objects, "Deployment"):
+        grace_s = _grace_s(deployment)
+        termination_s = pod_spec(deployment).get("terminationGracePeriodSeconds", 30)
+        if grace_s is not None and termination_s <= grace_s:
+            problems.append(f"{ref(deployment)}: terminationGracePeriodSeconds {termination_s} must exceed "
+                            f"SWITCHYARD_GRACE_S {grace_s:g} (the drain would be killed)")
+    return problems
+
+
+def _metric_names_exported() -> str:
+    return "\n".join(p.read_text() for p in sorted((ROOT / "services").rglob("metrics.py")))
+
+
+def check_autoscalers(objects: list[dict[str, Any]]) -> list[str]:
+    """Every worker pool has one KEDA ScaledObject on the scheduler's signal for that pool; each
+    ScaledObject targets an existing Deployment that leaves `replicas` to it, queries metrics the
+    services export, holds on an empty answer, and scales workers down no faster than they drain."""
+    problems = []
+    exported = _metric_names_exported()
+    scaled: dict[str, dict[str, Any]] = {}
+    for so in of_kind(objects, "ScaledObject"):
+        spec = so["spec"]
+        target_ref = spec["scaleTargetRef"]
+        if target_ref.get("kind", "Deployment") != "Deployment" or target_ref.get("apiVersion", "apps/v1") != "apps/v1":
+            problems.append(f"{ref(so)}: scaleTargetRef must be an apps/v1 Deployment")
+            continue
+        target = find(objects, "Deployment", target_ref["name"])
+        if target is None:
+            problems.append(f"{ref(so)}: scaleTargetRef: Deployment {target_ref['name']!r} does not exist")
+            continue
+        if target_ref["name"] in scaled:
+            problems.append(f"{ref(so)}: {ref(target)} already has a ScaledObject (two HPAs would fight)")
+        scaled[target_ref["name"]] = so
+        if "replicas" in target["spec"]:
+            problems.append(f"{ref(target)}: spec.replicas is set, but {ref(so)} owns the count (kubectl apply "
+                            "would reset it)")
+        low, high = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100)
+        if low > high:
+            problems.append(f"{ref(so)}: minReplicaCount {low} > maxReplicaCount {high}")
+        is_worker = component(target) == "worker"
+        if is_worker and low < 1:
+            problems.append(f"{ref(so)}: minReplicaCount must be >= 1 (a pool with no worker up refuses "
+                            "requests, so no queue would ever wake it)")
+        for i, trigger in enumerate(spec["triggers"]):
+            where = f"{ref(so)}: triggers[{i}]"
+            if trigger["type"] != "prometheus":
+                problems.append(f"{where}: type {trigger['type']!r}, expected 'prometheus'")
+                continue
+            meta = trigger["metadata"]
+            unknown = set(meta) - PROMETHEUS_TRIGGER_KEYS
+            if unknown:
+                problems.append(f"{where}: metadata keys {sorted(unknown)} are not the prometheus scaler's")
+            for key in ("serverAddress", "query", "threshold"):
+                if not meta.get(key):
+                    problems.append(f"{where}: metadata.{key} missing")
+            try:
+                if float(meta.get("threshold", "")) <= 0:
+                    raise ValueError
+            except ValueError:
+                problems.append(f"{where}: metadata.threshold must be a number > 0, got {meta.get('threshold')!r}")
+            if trigger.get("metricType") != "AverageValue":
+                problems.append(f"{where}: metricType must be AverageValue (replicas = value / threshold; "
+                                "KEDA's fallback needs it)")
+            if meta.get("ignoreNullValues") != "false":
+                problems.append(f"{where}: metadata.ignoreNullValues must be \"false\": an empty answer (Prometheus "
+                                "or the exporter restarting) must hold the replicas, not read as 0")
+            query = meta.get("query", "")
+            for name in re.findall(r"switchyard_[a-z0-9_]+", query):
+                if f'"{name}"' not in exported:
+                    problems.append(f"{where}: query reads {name}, which no service exports")
+            if is_worker:
+                pool = pod_labels(target).get(POOL)
+                if f'pool="{pool}"' not in query or "switchyard_pool_" not in query:
+                    problems.append(f"{where}: query must read the scheduler's switchyard_pool_* series of pool "
+                                    f"{pool!r} (pool=\"{pool}\"), got {query!r}")
+        if is_worker:
+            problems += _check_drain(so, target)
+    for deployment in of_kind(objects, "Deployment"):
+        if component(deployment) == "worker" and deployment["metadata"]["name"] not in scaled:
+            problems.append(f"{ref(deployment)}: worker pool without a ScaledObject")
+    return problems
+
+
+def _check_drain(so: dict[str, Any], target: dict[str, Any]) -> list[str]:
+    """A worker leaves one at a time, each given its whole termination grace before the next."""
+    behavior = (((so["spec"].get("advanced") or {}).get("horizontalPodAutoscalerConfig") or {})
+                .get("behavior") or {})
+    down = behavior.get("scaleDown") or {}
+    termination_s = pod_spec(target).get("terminationGracePeriodSeconds", 30)
+    policies = down.get("policies") or []
+    if not policies or any(p["type"] != "Pods" or p["value"] != 1 or p["periodSeconds"] < termination_s
+                           for p in policies):
+        return [f"{ref(so)}: scaleDown policies must remove one Pod per periodSeconds >= the workers' "
+                f"terminationGracePeriodSeconds ({termination_s}), so one worker drains at a time; got {policies}"]
+    return []
+
+
 CHECKS = (check_namespace, check_service_selectors, check_probes, check_workers, check_pod_security,
-          check_containers, check_pools, check_routes, check_env_names)
+          check_containers, check_pools, check_routes, check_env_names, check_grace, check_autoscalers)
 
 
 def semantic_problems(objects: list[dict[str, Any]]) -> list[str]:

