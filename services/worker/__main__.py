@@ -12,7 +12,7 @@ from services.worker.config import WorkerConfig, parse_config
 from services.worker.executor import Executor
 from services.worker.model_runner import ModelRunner
 from services.worker.null_runner import NullModelRunner
-from services.worker.parallel import follow, init_group, send_stop
+from services.worker.parallel import Layout, follow, init_group, make_stage_groups, send_stop
 from services.worker.ranks import (
     check_split,
     die_with_parent,
@@ -39,20 +39,20 @@ async def run(config: WorkerConfig) -> None:
                 config.device, config.quantization, torch.get_num_threads(),
                 " as a null model (no weights)" if config.null_model else "")
     followers = []
-    size = config.tensor_parallel_size
-    if size > 1:
-        check_split(config.model_dir, size)  # before any process starts
+    layout = Layout(config.tensor_parallel_size, config.pipeline_parallel_size, 0)
+    if layout.world_size > 1:
+        check_split(config.model_dir, layout.tensor_parallel_size, layout.pipeline_parallel_size)  # before any start
         port = free_port()
-        followers = start_followers(size, port)
+        followers = start_followers(layout.world_size, port)
         watch_followers(followers)
-        logger.info("tensor parallel: started %d follower ranks; joining the process group on port %d",
-                    size - 1, port)
-        init_group(0, size, port)
+        logger.info("parallel: tensor %d x pipeline %d; started %d follower ranks, joining the group on port %d",
+                    layout.tensor_parallel_size, layout.pipeline_parallel_size, layout.world_size - 1, port)
+        init_group(0, layout.world_size, port)
+        make_stage_groups(layout)
     if config.null_model:  # computes nothing, so there is no decode graph to capture
         runner = NullModelRunner(config.model_dir, **_runner_args(config))
     else:
-        runner = ModelRunner(config.model_dir, cuda_graphs=config.cuda_graphs, tensor_parallel_size=size,
-                             **_runner_args(config))
+        runner = ModelRunner(config.model_dir, cuda_graphs=config.cuda_graphs, **_runner_args(config))
     logger.info(
         "model %s (%s): %d KV blocks of %d tokens (%.1f MiB), attention %s, max_model_len %d",
         runner.spec.name, runner.spec.dtype, runner.num_blocks, runner.block_size, runner.kv_pool.shape.num_bytes / 2**20,
@@ -76,18 +76,21 @@ def _runner_args(config: WorkerConfig) -> dict:
     return dict(dtype=config.dtype, device=config.device, block_size=config.block_size,
                 num_blocks=config.num_blocks, kv_cache_bytes=config.kv_cache_bytes,
                 kv_host_cache_bytes=config.kv_host_cache_bytes, attention_backend=config.attention_backend,
-                max_model_len=config.max_model_len, name=config.model_name, quantization=config.quantization)
+                max_model_len=config.max_model_len, name=config.model_name, quantization=config.quantization,
+                tensor_parallel_size=config.tensor_parallel_size, pipeline_parallel_size=config.pipeline_parallel_size,
+                parallel_rank=config.parallel_rank)
 
 
 def run_follower(config: WorkerConfig) -> int:
-    """A tensor-parallel rank > 0: joins rank 0's group, loads its shard, replays rank 0's steps."""
+    """A rank > 0: joins rank 0's group, loads its shard or stage, replays rank 0's steps."""
     die_with_parent()
-    rank, size = config.tensor_parallel_rank, config.tensor_parallel_size
+    layout = Layout(config.tensor_parallel_size, config.pipeline_parallel_size, config.parallel_rank)
     torch.set_num_threads(config.num_threads or available_cpus())
-    init_group(rank, size, config.tensor_parallel_port)
-    runner = ModelRunner(config.model_dir, cuda_graphs=False, tensor_parallel_rank=rank, tensor_parallel_size=size,
-                         **_runner_args(config))
-    logger.info("tensor-parallel rank %d of %d ready: %d KV blocks of its heads", rank, size, runner.num_blocks)
+    init_group(layout.rank, layout.world_size, config.parallel_port)
+    make_stage_groups(layout)
+    runner = ModelRunner(config.model_dir, cuda_graphs=False, **_runner_args(config))
+    logger.info("parallel rank %d of %d (stage %d, tensor rank %d) ready: %d KV blocks", layout.rank,
+                layout.world_size, layout.stage, layout.tp_rank, runner.num_blocks)
     follow(runner, runner.block_size)  # a broken group exits the process (parallel.group_broken)
     return 0
 
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = parse_config(argv)
-        if config.tensor_parallel_rank > 0:
+        if config.parallel_rank > 0:
             return run_follower(config)
         asyncio.run(run(config))
     except (FileNotFoundError, ValueError, SwitchyardError) as e:

@@ -32,8 +32,9 @@ class WorkerConfig:
     quantization: str = "none"
     kv_host_cache_bytes: int = 0  # 0: no host tier
     tensor_parallel_size: int = 1
-    tensor_parallel_rank: int = 0  # > 0: a follower rank rank 0 started (no gRPC, no metrics)
-    tensor_parallel_port: int = 0  # rank 0's process-group port, given to the followers
+    pipeline_parallel_size: int = 1
+    parallel_rank: int = 0  # > 0: a follower rank that rank 0 started (no gRPC, no metrics)
+    parallel_port: int = 0  # rank 0's process-group port, given to the followers
     null_model: bool = False  # serve with NullModelRunner: no weights, deterministic tokens
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (CUDA + triton backend only)
     tls: TlsConfig = TlsConfig()
@@ -90,9 +91,13 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
                    help="ranks (processes) one model is split across by attention heads and MLP columns; "
                         "this process is rank 0 and starts the others (gloo on the CPU) "
                         "[SWITCHYARD_TENSOR_PARALLEL_SIZE]")
+    p.add_argument("--pipeline-parallel-size", type=int,
+                   default=env_int("SWITCHYARD_PIPELINE_PARALLEL_SIZE", 1, min_value=1),
+                   help="stages the model's layers are split into, each on its own ranks (x --tensor-parallel-size); "
+                        "a step's batch flows through them as micro-batches [SWITCHYARD_PIPELINE_PARALLEL_SIZE]")
     # Set by rank 0 on the followers it starts; never by hand.
-    p.add_argument("--tensor-parallel-rank", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--tensor-parallel-port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--parallel-rank", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--parallel-port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--null-model", action=argparse.BooleanOptionalAction,
                    default=env_bool("SWITCHYARD_NULL_MODEL", False),
                    help="no weights, no compute: token t is followed by t+1; measures the pipeline alone "
@@ -103,10 +108,12 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
                         "CUDA with the triton backend [SWITCHYARD_CUDA_GRAPHS]")
     add_tls_arguments(p)
     a = p.parse_args(argv)
-    if a.tensor_parallel_size < 1:
-        p.error(f"--tensor-parallel-size: must be >= 1, got {a.tensor_parallel_size}")
-    if a.tensor_parallel_size > 1 and a.null_model:
-        p.error("--tensor-parallel-size: the null model computes nothing to split; use 1 with --null-model")
+    for flag, value in (("--tensor-parallel-size", a.tensor_parallel_size),
+                        ("--pipeline-parallel-size", a.pipeline_parallel_size)):
+        if value < 1:
+            p.error(f"{flag}: must be >= 1, got {value}")
+        if value > 1 and a.null_model:
+            p.error(f"{flag}: the null model computes nothing to split; use 1 with --null-model")
     return WorkerConfig(
         model_dir=a.model, host=a.host, port=a.port, metrics_port=a.metrics_port, dtype=a.dtype,
         device=a.device, block_size=a.block_size, num_blocks=a.num_blocks or None,
@@ -115,5 +122,5 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
         version=a.version_label, model_name=a.model_name, max_model_len=a.max_model_len or None,
         num_threads=a.num_threads, grace_s=a.grace_s, quantization=a.quantization, null_model=a.null_model, cuda_graphs=a.cuda_graphs,
         tls=tls_from_args(a), tensor_parallel_size=a.tensor_parallel_size,
-        tensor_parallel_rank=a.tensor_parallel_rank, tensor_parallel_port=a.tensor_parallel_port,
+        pipeline_parallel_size=a.pipeline_parallel_size, parallel_rank=a.parallel_rank, parallel_port=a.parallel_port,
     )

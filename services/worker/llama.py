@@ -65,7 +65,9 @@ class LlamaModel:
     """
 
     def __init__(self, hf_model: torch.nn.Module, *, max_model_len: int, quantization: str = "none",
-                 act_absmax: dict[str, torch.Tensor] | None = None, shard: ShardSpec | None = None) -> None:
+                 act_absmax: dict[str, torch.Tensor] | None = None, shard: ShardSpec | None = None,
+                 layer_range: range | None = None) -> None:
+        """`layer_range`: the decoder layers this pipeline stage holds (all by default)."""
         inner = hf_model.model
         config = hf_model.config
         attn0 = inner.layers[0].self_attn
@@ -85,7 +87,10 @@ class LlamaModel:
                                         ranges.get("lm_head"))
         self.lm_head = make_linear(head_w, None, quantization)
         self.layers = []
+        self.layer_range = layer_range if layer_range is not None else range(len(inner.layers))
         for i, layer in enumerate(inner.layers):
+            if i not in self.layer_range:
+                continue  # another pipeline stage's
             a, m = layer.self_attn, layer.mlp
             with torch.no_grad():
                 # Smoothing scales are per input channel, so they are computed on the full weights
@@ -156,9 +161,21 @@ class LlamaModel:
                 logits_indices: torch.Tensor, kv_layers: list[torch.Tensor],
                 backend: AttentionBackend) -> torch.Tensor:
         """Float32 logits of the rows in `logits_indices` of the flat batch."""
-        num_tokens = input_ids.shape[0]
+        hidden = self.run_layers(self.embed_tokens(input_ids), positions, meta, kv_layers, backend)
+        return self.logits(hidden, logits_indices)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.embed)
+
+    def logits(self, hidden: torch.Tensor, logits_indices: torch.Tensor) -> torch.Tensor:
+        # RMSNorm is per row, so normalizing only the rows that are sampled changes nothing.
+        return self.lm_head(self._rms_norm(hidden[logits_indices], self.norm)).float()
+
+    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                   kv_layers: list[torch.Tensor], backend: AttentionBackend) -> torch.Tensor:
+        """This stage's decoder layers over the flat batch's hidden states."""
+        num_tokens = hidden.shape[0]
         num_qk_heads = self.num_heads + self.num_kv_heads
-        hidden = F.embedding(input_ids, self.embed)
         cos = self.cos[positions][:, None, :]
         sin = self.sin[positions][:, None, :]
         for layer, kv_cache in zip(self.layers, kv_layers):
@@ -180,5 +197,4 @@ class LlamaModel:
             gate, up = gate_up.chunk(2, dim=-1)
             mlp = layer.down(F.silu(gate) * up)
             hidden = hidden + (mlp if self.shard is None else all_reduce(mlp))
-        # RMSNorm is per row, so normalizing only the rows that are sampled changes nothing.
-        return self.lm_head(self._rms_norm(hidden[logits_indices], self.norm)).float()
+        return hidden

@@ -19,7 +19,8 @@ from services.worker.kernels import AttentionMetadata, select_backend
 from services.worker.linear import QUANTIZATIONS
 from services.worker.llama import LlamaModel
 from services.worker.kv_pool import KVPool, KVPoolShape, num_blocks_for_budget, num_host_blocks_for_budget
-from services.worker.parallel import LeaderKVPool, send_forward, shard_spec
+from services.worker import pipeline
+from services.worker.parallel import Layout, LeaderKVPool, send_forward, shard_spec, stage_layers
 from shared.cpu_features import cpu_features
 from shared.gguf_model import GgufModel, is_gguf_path, served_model_name
 
@@ -116,11 +117,13 @@ class ModelRunner:
         name: str | None = None,
         cuda_graphs: bool = True,
         quantization: str = "none",
-        tensor_parallel_rank: int = 0,
         tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        parallel_rank: int = 0,
     ) -> None:
-        """With `tensor_parallel_size` > 1 the process group must already be joined
-        (parallel.init_group): rank 0 then broadcasts each KV change and forward pass to the others."""
+        """With more than one rank (`tensor_parallel_size` x `pipeline_parallel_size`) the process
+        group must already be joined (parallel.init_group); this process is `parallel_rank`, and rank
+        0 broadcasts each KV change and forward pass to the others."""
         from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415 (slow import)
 
         self.model_dir = Path(model_dir)
@@ -167,25 +170,29 @@ class ModelRunner:
         if quantization == "int8":  # SmoothQuant's activation ranges, from the float model
             act_absmax = activation_absmax(hf_model, calibration_ids(self.model_dir))
         # Our fused forward takes the weights; HF's modules are not kept (int8 would double them).
+        self.layout = Layout(tensor_parallel_size, pipeline_parallel_size, parallel_rank)
         shard = None
         if tensor_parallel_size > 1:
-            shard = shard_spec(tensor_parallel_rank, tensor_parallel_size, int(config.num_attention_heads),
+            shard = shard_spec(self.layout.tp_rank, tensor_parallel_size, int(config.num_attention_heads),
                                int(num_kv_heads), int(config.intermediate_size))
-        self.tensor_parallel_rank, self.tensor_parallel_size = tensor_parallel_rank, tensor_parallel_size
+        layers = stage_layers(self.spec.num_layers, pipeline_parallel_size, self.layout.stage)
         self.model = LlamaModel(hf_model, max_model_len=self.spec.max_model_len, quantization=quantization,
-                                act_absmax=act_absmax, shard=shard)
+                                act_absmax=act_absmax, shard=shard, layer_range=layers)
         del hf_model
-        # Each rank holds its KV heads' share; the same budget then gives every rank the same block count.
-        local = self.spec if shard is None else replace(self.spec, num_kv_heads=shard.num_kv_heads)
+        # Each rank holds the KV of its heads and its stage's layers; equal shares, so the same
+        # budget gives every rank the same block count and one block id means the same everywhere.
+        local = replace(self.spec, num_layers=len(layers),
+                        num_kv_heads=shard.num_kv_heads if shard is not None else self.spec.num_kv_heads)
         shape = kv_pool_shape(local, block_size, num_blocks, kv_cache_bytes, torch_dtype)
         self.kv_pool = KVPool(shape, self.device, num_host_blocks_for_budget(kv_host_cache_bytes, shape))
-        if shard is not None and tensor_parallel_rank == 0:
+        if self.layout.world_size > 1 and parallel_rank == 0:
             self.kv_pool = LeaderKVPool(self.kv_pool)
         self.backend = select_backend(str(self.device), attention_backend)
         self._decode_graphs = None
         # Graphs only pay off against GPU launch overhead, and only the Triton decode path is
         # capturable (the torch one copies host lists to the device every call).
-        if cuda_graphs and self.device.type == "cuda" and self.backend.name == "triton":
+        # A replayed graph would skip the broadcast to the other ranks: one rank only.
+        if cuda_graphs and self.device.type == "cuda" and self.backend.name == "triton" and self.layout.world_size == 1:
             from services.worker.kernels.triton.graphs import DecodeGraphs  # noqa: PLC0415 (CUDA only)
 
             self._decode_graphs = DecodeGraphs(self._forward, device=self.device, max_model_len=self.spec.max_model_len,
@@ -212,8 +219,14 @@ class ModelRunner:
         """Computes the flat batch and returns float32 logits for the rows in `logits_indices`."""
         if self._decode_graphs is not None and self._decode_graphs.can_run(input_ids, meta):
             return self._decode_graphs.run(input_ids, positions, meta, logits_indices)
-        if self.tensor_parallel_size > 1 and self.tensor_parallel_rank == 0:
+        layout = self.layout
+        if layout.world_size > 1 and layout.rank == 0:
             send_forward(input_ids, positions, meta, logits_indices)
+        if layout.pipeline_parallel_size > 1:
+            return pipeline.forward(self.model, layout, input_ids, positions, meta, logits_indices,
+                                    self.kv_pool.layers, self.backend, self.block_size)
+        if layout.rank != 0:  # only rank 0 samples: the other TP ranks skip the head
+            logits_indices = logits_indices[:0]
         return self._forward(input_ids, positions, meta, logits_indices)
 
     def _forward(

@@ -79,9 +79,101 @@ def shard_spec(tp_rank: int, tp_size: int, num_heads: int, num_kv_heads: int, in
     return ShardSpec(tp_rank, tp_size, heads, kv_heads, tp_rank * heads, kv_start, columns, tp_rank * columns)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where one rank sits: ranks are numbered stage by stage, rank 0 is stage 0's first TP rank."""
+
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    rank: int
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def stage(self) -> int:
+        return self.rank // self.tensor_parallel_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tensor_parallel_size
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage == self.pipeline_parallel_size - 1
+
+    @property
+    def next_rank(self) -> int:
+        """The same TP rank of the next stage: where this rank's hidden states go."""
+        return self.rank + self.tensor_parallel_size
+
+    @property
+    def previous_rank(self) -> int:
+        return self.rank - self.tensor_parallel_size
+
+    @property
+    def last_stage_rank(self) -> int:
+        """The rank that sends the logits to rank 0 (the last stage's first TP rank)."""
+        return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
+
+
+def stage_layers(num_layers: int, pipeline_parallel_size: int, stage: int) -> range:
+    """The decoder layers of `stage`; equal shares, so every rank's KV pool has as many blocks."""
+    if num_layers % pipeline_parallel_size:
+        raise ValueError(f"pipeline_parallel_size: {num_layers} layers are not divisible by {pipeline_parallel_size}")
+    per_stage = num_layers // pipeline_parallel_size
+    return range(stage * per_stage, (stage + 1) * per_stage)
+
+
+_tp_group = None  # this rank's stage's TP group; None: the default group (no pipeline stages)
+
+
+def make_stage_groups(layout: Layout) -> None:
+    """One TP group per pipeline stage (every rank creates every group, in the same order)."""
+    global _tp_group
+    if layout.pipeline_parallel_size == 1 or layout.tensor_parallel_size == 1:
+        return
+    for stage in range(layout.pipeline_parallel_size):
+        first = stage * layout.tensor_parallel_size
+        group = dist.new_group(list(range(first, first + layout.tensor_parallel_size)))
+        if stage == layout.stage:
+            _tp_group = group
+
+
 def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     try:
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, group=_tp_group)
+    except RuntimeError as e:
+        group_broken(e)
+    return tensor
+
+
+def isend(tensor: torch.Tensor, dst: int) -> tuple[object, torch.Tensor]:
+    """Starts a send; the tensor is kept with its handle until `wait_all`."""
+    tensor = tensor.contiguous()
+    try:
+        return dist.isend(tensor, dst), tensor
+    except RuntimeError as e:
+        group_broken(e)
+
+
+def wait_all(pending: list[tuple[object, torch.Tensor]]) -> None:
+    try:
+        for work, _ in pending:
+            work.wait()
+    except RuntimeError as e:
+        group_broken(e)
+
+
+def recv(shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
+    tensor = torch.empty(shape, dtype=dtype)
+    try:
+        dist.recv(tensor, src)
     except RuntimeError as e:
         group_broken(e)
     return tensor
@@ -129,8 +221,9 @@ def send_forward(input_ids: torch.Tensor, positions: torch.Tensor, meta: Attenti
     body = torch.cat([
         input_ids.cpu(), positions.cpu(), torch.tensor(meta.query_lens, dtype=torch.int64),
         torch.tensor(meta.seq_lens_host, dtype=torch.int64), meta.block_tables.cpu().reshape(-1),
+        logits_indices.cpu(),
     ])
-    _send(OP_FORWARD, (input_ids.shape[0], num_reqs, max_blocks), body)
+    _send(OP_FORWARD, (input_ids.shape[0], num_reqs, max_blocks, logits_indices.shape[0]), body)
 
 
 def send_clear(block_ids: Sequence[int]) -> None:
@@ -154,20 +247,18 @@ def follow(runner, block_size: int) -> None:  # noqa: ANN001 - a ModelRunner hol
     while True:
         header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
         _broadcast(header)
-        op, a, b, c = (int(x) for x in header[:4])
+        op, a, b, c, d = (int(x) for x in header[:5])
         if op == OP_STOP:
             return
         if op == OP_FORWARD:
-            num_tokens, num_reqs, max_blocks = a, b, c
-            body = torch.zeros(2 * num_tokens + 2 * num_reqs + num_reqs * max_blocks, dtype=torch.int64)
+            num_tokens, num_reqs, max_blocks, num_logits = a, b, c, d
+            body = torch.zeros(2 * num_tokens + 2 * num_reqs + num_reqs * max_blocks + num_logits, dtype=torch.int64)
             _broadcast(body)
-            input_ids, positions, query_lens, seq_lens, tables = torch.split(
-                body, [num_tokens, num_tokens, num_reqs, num_reqs, num_reqs * max_blocks])
+            input_ids, positions, query_lens, seq_lens, tables, logits_indices = torch.split(
+                body, [num_tokens, num_tokens, num_reqs, num_reqs, num_reqs * max_blocks, num_logits])
             meta = build_metadata(query_lens.tolist(), seq_lens.tolist(),
                                   tables.reshape(num_reqs, max_blocks).tolist(), block_size, device)
-            # Only rank 0 samples: no logits rows, so the head is skipped here.
-            runner.forward(input_ids.to(device), positions.to(device), meta,
-                           torch.zeros(0, dtype=torch.int64, device=device))
+            runner.forward(input_ids.to(device), positions.to(device), meta, logits_indices.to(device))
         elif op == OP_CLEAR:
             body = torch.zeros(a, dtype=torch.int64)
             _broadcast(body)

@@ -1,7 +1,7 @@
 """The processes of a tensor-parallel worker: rank 0 starts, joins and watches the others.
 
 Rank 0 is `python -m services.worker` as started by the user; it starts each follower as the same
-command with `--tensor-parallel-rank r --tensor-parallel-port P` (the environment is inherited, so
+command with `--parallel-rank r --parallel-port P` (the environment is inherited, so
 flags given as SWITCHYARD_* variables carry over too). A follower serves nothing: it joins the
 process group, loads its shard and replays rank 0's messages (parallel.follow).
 
@@ -25,24 +25,25 @@ import threading
 import time
 from pathlib import Path
 
-from services.worker.parallel import EXIT_RANK_LOST, shard_spec
+from services.worker.parallel import EXIT_RANK_LOST, shard_spec, stage_layers
 
 logger = logging.getLogger("switchyard.worker")
 
 _PR_SET_PDEATHSIG = 1
 
 
-def check_split(model_dir: str, tensor_parallel_size: int) -> None:
-    """Refuses, before any process starts, a model whose heads or MLP cannot be split N ways
-    (ValueError naming the numbers). GGUF files are checked when loaded."""
+def check_split(model_dir: str, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
+    """Refuses, before any process starts, a model whose heads, MLP or layers cannot be split that
+    way (ValueError naming the numbers). GGUF files are checked when loaded."""
     config_path = Path(model_dir) / "config.json"
-    if tensor_parallel_size == 1 or not config_path.exists():
+    if not config_path.exists():
         return
     raw = json.loads(config_path.read_text())
     text = raw.get("text_config", raw)
     num_heads = int(text["num_attention_heads"])
     shard_spec(0, tensor_parallel_size, num_heads, int(text.get("num_key_value_heads") or num_heads),
                int(text["intermediate_size"]))
+    stage_layers(int(text["num_hidden_layers"]), pipeline_parallel_size, 0)
 
 
 def free_port() -> int:
@@ -51,13 +52,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_followers(tensor_parallel_size: int, port: int, argv: list[str] | None = None) -> list[subprocess.Popen]:
+def start_followers(world_size: int, port: int, argv: list[str] | None = None) -> list[subprocess.Popen]:
     """Ranks 1..N-1, as the same command as this process plus their rank and the group's port."""
     args = sys.argv[1:] if argv is None else argv
     return [
-        subprocess.Popen([sys.executable, "-m", "services.worker", *args, "--tensor-parallel-rank", str(rank),
-                          "--tensor-parallel-port", str(port)])
-        for rank in range(1, tensor_parallel_size)
+        subprocess.Popen([sys.executable, "-m", "services.worker", *args, "--parallel-rank", str(rank),
+                          "--parallel-port", str(port)])
+        for rank in range(1, world_size)
     ]
 
 

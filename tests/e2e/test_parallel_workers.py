@@ -1,5 +1,6 @@
-"""End to end: tensor-parallel workers (`--tensor-parallel-size`, gloo on the CPU) through the whole
-stack give the greedy tokens of the unsplit model (float32 TP=1 is token-identical to Hugging Face
+"""End to end: tensor- and pipeline-parallel workers (`--tensor-parallel-size`,
+`--pipeline-parallel-size`, gloo on the CPU) through the whole stack give the greedy tokens of the
+unsplit model (float32 TP=1 is token-identical to Hugging Face
 `generate`, tests/e2e/test_real_model.py; here each stack is compared with HF up to its first
 near-tie), with prefix-cache hits and chunked prefill; a model that cannot be split is refused at
 start with the numbers; and a follower rank killed with -9 takes its worker down."""
@@ -29,11 +30,11 @@ pytestmark = pytest.mark.e2e
 MAX_TOKENS = 16
 
 
-def running(model_dir: Path, run_dir: Path, tp: int, *extra: str) -> Stack:
+def running(model_dir: Path, run_dir: Path, tp: int, pp: int = 1) -> Stack:
     config = make_config(run_dir, model_dir, services=("worker", "scheduler", "tokenizer"), num_workers=1,
                          timeout_s=180.0,
-                         worker_args=("--tensor-parallel-size", str(tp), "--num-threads", "1", "--dtype", "float32",
-                                      *extra),
+                         worker_args=("--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp),
+                                      "--num-threads", "1", "--dtype", "float32"),
                          scheduler_args=("--max-num-batched-tokens", "64"))  # long prompts come in chunks
     return start_stack(config)
 
@@ -53,13 +54,14 @@ async def generate_all(stack: Stack, token_prompts: list[list[int]]) -> list[lis
         return list(await asyncio.gather(*(one(p) for p in token_prompts)))
 
 
-@pytest.mark.parametrize("model, tp", [("tiny", 2), ("smollm2", 3)], ids=["tiny-tp2", "smollm2-tp3"])
-async def test_split_model_gives_the_unsplit_greedy_tokens(model, tp, tiny_model_dir, smollm2_model_dir,
+@pytest.mark.parametrize("model, tp, pp", [("tiny", 2, 1), ("smollm2", 3, 1), ("tiny", 1, 2), ("tiny", 2, 2)],
+                         ids=["tiny-tp2", "smollm2-tp3", "tiny-pp2", "tiny-tp2-pp2"])
+async def test_split_model_gives_the_unsplit_greedy_tokens(model, tp, pp, tiny_model_dir, smollm2_model_dir,
                                                            tmp_path) -> None:
     model_dir = tiny_model_dir if model == "tiny" else smollm2_model_dir
     vocab_size = 4096 if model == "tiny" else 49152
     token_prompts = prompts(vocab_size)
-    stack = running(model_dir, tmp_path, tp)
+    stack = running(model_dir, tmp_path, tp, pp)
     try:
         outputs = await generate_all(stack, token_prompts)
     finally:
@@ -67,18 +69,22 @@ async def test_split_model_gives_the_unsplit_greedy_tokens(model, tp, tiny_model
     compared = 0
     for i, (ids, out) in enumerate(zip(token_prompts, outputs)):
         assert len(out) == MAX_TOKENS
-        compared += assert_greedy_matches(hf_greedy(model_dir, ids, MAX_TOKENS), out, f"prompt {i}, TP={tp}")
+        compared += assert_greedy_matches(hf_greedy(model_dir, ids, MAX_TOKENS), out, f"prompt {i}, TP={tp} PP={pp}")
     assert compared >= 2 * MAX_TOKENS
 
 
-def test_a_model_that_cannot_be_split_is_refused_with_the_numbers(tiny_model_dir, tmp_path) -> None:
-    # The tiny model has 8 heads and 4 KV heads: 3 ranks cannot share them.
+@pytest.mark.parametrize("flag, message", [
+    ("--tensor-parallel-size", "tensor_parallel_size: 8 attention heads are not divisible by 3"),
+    ("--pipeline-parallel-size", "pipeline_parallel_size: 4 layers are not divisible by 3"),
+])
+def test_a_model_that_cannot_be_split_is_refused_with_the_numbers(flag, message, tiny_model_dir) -> None:
+    # The tiny model has 8 heads, 4 KV heads and 4 layers: 3 ranks or 3 stages cannot share them.
     result = subprocess.run(
-        [sys.executable, "-m", "services.worker", "--model", str(tiny_model_dir), "--tensor-parallel-size", "3",
+        [sys.executable, "-m", "services.worker", "--model", str(tiny_model_dir), flag, "3",
          "--port", "0", "--metrics-port", "0"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
-    assert "tensor_parallel_size: 8 attention heads are not divisible by 3" in result.stderr
+    assert message in result.stderr
 
 
 def follower_pids(worker_pid: int) -> list[int]:
