@@ -137,3 +137,18 @@ def test_the_host_tier_scenario_runs_without_and_with_the_host_tier(tmp_path: Pa
     assert with_l2["prefix_hit_tokens_host"] > 0 and with_l2["host_blocks_cached"] > 0
     assert {"with_l2/without_l2", "ttft_p50 with_l2/without_l2"} <= set(scenario["ratios"])
     assert all(t["status"] in ("PASS", "FAIL") for t in scenario["targets"]), scenario["targets"]
+
+
+def test_the_tensor_parallel_scenario_runs_whole_and_split(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`tensor_parallel` (letter m) in quick mode: the same workload on a TP=1 and a TP=2 worker, both
+    complete, and the split/whole ratio is recorded."""
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--scenarios", "m", "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"bench.run exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    (scenario,) = json.loads((tmp_path / "latest.json").read_text())["scenarios"]
+    assert scenario["name"] == "tensor_parallel" and scenario["error"] == ""
+    workload = scenario["config"]["workload"]
+    assert set(scenario["runs"]) == {"tp1", "tp2"}
+    for key, run in scenario["runs"].items():
+        assert run["num_completed"] == run["num_requests"] == workload["num_requests"], (key, run["errors"])
+    assert scenario["ratios"]["tp2/tp1"] > 0
