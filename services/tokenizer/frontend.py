@@ -18,7 +18,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from services.tokenizer.api_types import (  # re-exported: the HTTP API imports them from here
-    ChatMessage, GenerateChunk, GenerateInput, SamplingInput, SchedulerEvent, TokenLogprob, Usage,
+    ChatMessage, GenerateChunk, GenerateInput, SamplingInput, TokenLogprob, Usage,
 )
 from services.tokenizer.codec import Codec
 from services.tokenizer import metrics

@@ -158,3 +158,22 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def process(stack: Stack, name: str):  # noqa: ANN201 (deploy.stack.Process)
     return next(p for p in stack.processes if p.name == name)
+
+
+async def wait_until_mid_decode(tasks: Sequence[asyncio.Task], progress: dict[int, int], num_streams: int,
+                                min_tokens: int, timeout_s: float = 120.0) -> None:
+    """Returns once 3/4 of the streams have `min_tokens` tokens (and some are still running): the
+    moment a fault lands mid-decode for most of them."""
+    deadline = time.monotonic() + timeout_s
+    while sum(n >= min_tokens for n in progress.values()) < 0.75 * num_streams:
+        assert time.monotonic() < deadline, f"streams made no progress: {progress}"
+        assert not all(t.done() for t in tasks), "every stream ended before the fault"
+        await asyncio.sleep(0.005)
+
+
+async def busiest_worker(stack: Stack, scheduler: scheduler_pb2_grpc.SchedulerStub):  # noqa: ANN201 (Process, int)
+    """The worker process holding the most requests now, and how many it holds."""
+    stats = await get_stats(scheduler)
+    busiest = max(stats.workers, key=lambda w: w.num_running_requests + w.num_waiting_requests)
+    process = next(p for p in stack.processes if p.kind == "worker" and p.address == busiest.address)
+    return process, busiest.num_running_requests + busiest.num_waiting_requests

@@ -19,7 +19,7 @@ from switchyard.api.v1 import generation_pb2 as pb
 
 from tests.chaos.conftest import (
     assert_reference_prefix,
-    get_stats,
+    busiest_worker,
     hf_reference,
     metric_total,
     prompt_ids,
@@ -27,6 +27,7 @@ from tests.chaos.conftest import (
     scrape,
     stubs,
     wait_quiescent,
+    wait_until_mid_decode,
 )
 from tests.chaos.test_worker_death import stream
 
@@ -60,15 +61,8 @@ async def test_kill_9_of_a_follower_rank_loses_no_stream(stack, tiny_model_dir) 
         before = await scrape(stack.metrics_urls["scheduler"])
         progress: dict[int, int] = {}
         tasks = [asyncio.create_task(stream(api, p, progress, i)) for i, p in enumerate(PROMPTS)]
-        deadline = time.monotonic() + 120
-        while sum(n >= 4 for n in progress.values()) < 0.75 * NUM_STREAMS:
-            assert time.monotonic() < deadline, f"streams made no progress: {progress}"
-            assert not all(t.done() for t in tasks), "every stream ended before the kill"
-            await asyncio.sleep(0.005)
-        stats = await get_stats(scheduler)
-        busiest = max(stats.workers, key=lambda w: w.num_running_requests + w.num_waiting_requests)
-        worker = next(p for p in stack.processes if p.kind == "worker" and p.address == busiest.address)
-        on_victim = busiest.num_running_requests + busiest.num_waiting_requests
+        await wait_until_mid_decode(tasks, progress, NUM_STREAMS, min_tokens=4)
+        worker, on_victim = await busiest_worker(stack, scheduler)
         os.kill(follower_of(worker.pid), signal.SIGKILL)
         killed_at = time.monotonic()
         results = await asyncio.gather(*tasks, return_exceptions=True)

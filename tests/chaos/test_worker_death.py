@@ -20,6 +20,7 @@ from switchyard.api.v1 import generation_pb2 as pb
 from deploy.stack import is_alive, load_stack, restart_process
 from tests.chaos.conftest import (
     assert_reference_prefix,
+    busiest_worker,
     get_stats,
     greedy_request,
     hf_reference,
@@ -30,6 +31,7 @@ from tests.chaos.conftest import (
     scrape,
     stubs,
     wait_quiescent,
+    wait_until_mid_decode,
 )
 
 pytestmark = [pytest.mark.chaos, pytest.mark.e2e]
@@ -72,15 +74,8 @@ async def test_kill_9_one_worker_mid_decode_loses_no_stream(stack_and_config, ti
         before = await scrape(stack.metrics_urls["scheduler"])
         progress = {}
         tasks = [asyncio.create_task(stream(api, p, progress, i)) for i, p in enumerate(PROMPTS)]
-        deadline = time.monotonic() + 120
-        while sum(n >= KILL_AFTER_TOKENS for n in progress.values()) < 0.75 * NUM_STREAMS:
-            assert time.monotonic() < deadline, f"streams made no progress: {progress}"
-            assert not all(t.done() for t in tasks), "every stream ended before the kill"
-            await asyncio.sleep(0.005)
-        stats = await get_stats(scheduler)
-        busiest = max(stats.workers, key=lambda w: w.num_running_requests + w.num_waiting_requests)
-        victim = next(p for p in stack.processes if p.kind == "worker" and p.address == busiest.address)
-        on_victim = busiest.num_running_requests + busiest.num_waiting_requests
+        await wait_until_mid_decode(tasks, progress, NUM_STREAMS, min_tokens=KILL_AFTER_TOKENS)
+        victim, on_victim = await busiest_worker(stack, scheduler)
         finished_before_kill = sum(n >= MAX_TOKENS for n in progress.values())
         os.kill(victim.pid, signal.SIGKILL)
         killed_at = time.monotonic()
