@@ -52,10 +52,17 @@ class FleetConfig:
     rollback_check_interval_s: float = 1.0  # how often the pools' windows are judged
     kv_eviction: str = DEFAULT_EVICTION  # which cached KV block every worker's pools give up first
     autoscale: AutoscalePolicy = AutoscalePolicy()  # targets of switchyard_pool_desired_workers
+    # Sent with every Reset and Step: workers refuse a lower one once a later scheduler has reset
+    # them. 0 takes the start time (ns), so a scheduler started later takes its workers over.
+    scheduler_epoch: int = 0
 
     def __post_init__(self) -> None:
         # Checked here, not when a worker first connects, so a bad value stops the scheduler at startup.
         check_eviction(self.kv_eviction, field="kv_eviction")
+        if self.scheduler_epoch < 0:
+            raise InvalidArgument(f"must be >= 0, got {self.scheduler_epoch}", field="scheduler_epoch")
+        if self.scheduler_epoch == 0:  # frozen dataclass: the only way to fill a default in
+            object.__setattr__(self, "scheduler_epoch", time.time_ns())
 
 
 @dataclass
@@ -109,7 +116,7 @@ class Fleet:
             max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
             step_timeout_s=config.step_timeout_s, probe_interval_s=config.probe_interval_s, clock=self._clock,
             tls=config.tls, async_scheduling=config.async_scheduling, batch_wait_ms=config.batch_wait_ms,
-            kv_eviction=config.kv_eviction,
+            kv_eviction=config.kv_eviction, scheduler_epoch=config.scheduler_epoch,
         )
 
     async def start(self, wait_s: float = 0.0) -> None:

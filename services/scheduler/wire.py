@@ -99,9 +99,10 @@ def _sampling_to_worker(s: SamplingParams) -> worker_pb.SamplingParams:
     return worker_pb.SamplingParams(**vars(s))  # the dataclass's fields are the message's, by name
 
 
-def plan_to_pb(plan: StepPlan) -> worker_pb.StepRequest:
+def plan_to_pb(plan: StepPlan, scheduler_epoch: int = 0) -> worker_pb.StepRequest:
     return worker_pb.StepRequest(
         step_id=plan.step_id,
+        scheduler_epoch=scheduler_epoch,
         new_requests=[
             worker_pb.NewRequest(
                 request_id=n.request.request_id,
@@ -157,7 +158,8 @@ def abort_response_to_pb(found: bool) -> pb.AbortResponse:
 
 
 INFO_REQUEST = worker_pb.InfoRequest()
-RESET_REQUEST = worker_pb.ResetRequest()
+def reset_request(scheduler_epoch: int) -> worker_pb.ResetRequest:
+    return worker_pb.ResetRequest(scheduler_epoch=scheduler_epoch)
 
 
 def worker_spec_from_pb(msg: worker_pb.WorkerInfo) -> WorkerSpec:

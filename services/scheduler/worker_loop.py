@@ -55,6 +55,7 @@ class WorkerLoop:
         async_scheduling: bool = True,
         batch_wait_ms: float = 0.0,
         kv_eviction: str = DEFAULT_EVICTION,
+        scheduler_epoch: int = 0,
     ) -> None:
         self.address = address
         self.pool = pool
@@ -65,6 +66,7 @@ class WorkerLoop:
         self.num_steps_in_flight = 0  # sent and not yet answered (their plans predate any later abort)
         self._max_steps_in_flight = 2 if async_scheduling else 1
         self.kv_eviction = kv_eviction  # the policy of every block pool this loop mirrors
+        self.scheduler_epoch = scheduler_epoch  # on every Reset and Step: the worker fences older schedulers
         self._on_events = on_events
         self._on_down = on_down
         self._on_up = on_up
@@ -146,11 +148,16 @@ class WorkerLoop:
     async def _connect(self) -> None:
         """Waits until the worker answers Info, then resets its state and joins the pool."""
         self._close_steps()  # a stream to an earlier process on this address is of no use
+        fenced = False
         while not self._stopping and not self.retiring:
             try:
                 info = await self._stub.Info(wire.INFO_REQUEST, timeout=2.0)
-                await self._stub.Reset(wire.RESET_REQUEST, timeout=5.0)
-            except grpc.aio.AioRpcError:
+                await self._stub.Reset(wire.reset_request(self.scheduler_epoch), timeout=5.0)
+            except grpc.aio.AioRpcError as e:
+                if e.code() is grpc.StatusCode.FAILED_PRECONDITION and not fenced:
+                    fenced = True  # said once: it stays so (until the worker restarts and forgets the epoch)
+                    logger.warning("worker %s (pool %s) belongs to a newer scheduler (this one's epoch %d): %s",
+                                   self.address, self.pool, self.scheduler_epoch, e.details())
                 await asyncio.sleep(self._probe_interval_s)
                 continue
             if self.retiring:  # retired while we were asking
@@ -229,7 +236,7 @@ class WorkerLoop:
         if self._steps is None:
             self._steps = self._stub.Steps()
         self.num_steps_in_flight += 1  # counted before the write: its plan predates any abort that follows
-        await self._steps.write(wire.plan_to_pb(plan))
+        await self._steps.write(wire.plan_to_pb(plan, self.scheduler_epoch))
 
     async def _read_reply(self, steps: grpc.aio.StreamStreamCall | None) -> tuple[list[RequestOutput], bool]:
         """The reply to the oldest step in flight, within the step timeout: outputs, and whether the

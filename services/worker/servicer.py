@@ -26,7 +26,7 @@ from switchyard.worker.v1 import worker_pb2_grpc
 from services.worker import wire
 from services.worker.executor import Executor
 from services.worker.metrics import WorkerMetrics
-from shared.errors import Unavailable
+from shared.errors import FailedPrecondition, Unavailable
 
 _tracer = trace.get_tracer("switchyard.worker")
 _propagator = TraceContextTextMapPropagator()
@@ -52,6 +52,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._lock = asyncio.Lock()
         self._draining = False
         self._emptied = asyncio.Event()  # set while draining once no request is held
+        # The epoch of the scheduler that owns this worker (its last Reset); steps from any other
+        # epoch are refused, so a stale scheduler cannot write into blocks another one assigns.
+        self._scheduler_epoch = 0
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         worker_pb2_grpc.add_WorkerServicer_to_server(self, server)
@@ -77,7 +80,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def _step(self, request: pb.StepRequest) -> pb.StepResponse:
         step = wire.step_from_pb(request)
-        async with self._lock:
+        async with self._lock:  # checked under the lock: a Reset from a newer scheduler may be queued ahead
+            if step.scheduler_epoch != self._scheduler_epoch:
+                raise FailedPrecondition(
+                    f"scheduler_epoch: step from epoch {step.scheduler_epoch}, but this worker belongs to the "
+                    f"scheduler of epoch {self._scheduler_epoch} (which must Reset it first)", field="scheduler_epoch")
             links = _links(self._executor.trace_contexts(step))
             with _tracer.start_as_current_span("worker.step", links=links) as span:
                 loop = asyncio.get_running_loop()
@@ -97,7 +104,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def Reset(self, request: pb.ResetRequest, context: grpc.aio.ServicerContext) -> pb.ResetResponse:
         if self._draining:
             raise Unavailable("worker is shutting down")
+        epoch = wire.reset_epoch_from_pb(request)
         async with self._lock:
+            if epoch < self._scheduler_epoch:
+                raise FailedPrecondition(
+                    f"scheduler_epoch: {epoch} is older than {self._scheduler_epoch}: a newer scheduler has taken "
+                    "this worker over", field="scheduler_epoch")
+            self._scheduler_epoch = epoch
             return wire.reset_response_to_pb(self._executor.reset())
 
     async def drain(self) -> None:

@@ -41,6 +41,7 @@ class StepInput:
     copies_to_host: tuple[tuple[int, int], ...] = ()
     # (host block, device block): host-tier prefix hits, brought back before the forward pass.
     copies_to_device: tuple[tuple[int, int], ...] = ()
+    scheduler_epoch: int = 0  # the sender's; the servicer refuses a step from any other epoch
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ def step_from_pb(msg: pb.StepRequest) -> StepInput:
         finished_request_ids=tuple(msg.finished_request_ids),
         copies_to_host=tuple((c.source_block_id, c.destination_block_id) for c in msg.copies_to_host),
         copies_to_device=tuple((c.source_block_id, c.destination_block_id) for c in msg.copies_to_device),
+        scheduler_epoch=msg.scheduler_epoch,
     )
 
 
@@ -91,6 +92,7 @@ def step_to_pb(step: StepInput) -> pb.StepRequest:
         finished_request_ids=step.finished_request_ids,
         copies_to_host=[pb.BlockCopy(source_block_id=s, destination_block_id=d) for s, d in step.copies_to_host],
         copies_to_device=[pb.BlockCopy(source_block_id=s, destination_block_id=d) for s, d in step.copies_to_device],
+        scheduler_epoch=step.scheduler_epoch,
     )
 
 
@@ -115,6 +117,10 @@ def result_to_pb(result: StepResult, *, draining: bool = False) -> pb.StepRespon
 
 
 WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
+
+
+def reset_epoch_from_pb(msg: pb.ResetRequest) -> int:
+    return msg.scheduler_epoch
 
 
 def reset_response_to_pb(num_dropped_requests: int) -> pb.ResetResponse:
