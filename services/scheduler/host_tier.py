@@ -41,14 +41,7 @@ class HostTier(TierCounts):
         """Host block ids holding the full blocks `start_block`, `start_block + 1`, ... of
         `token_ids` (the continuation of a device-tier match), up to the first miss. `keys` are the
         prompt's `block_keys`. Token-compared like the device index; no pins, order untouched."""
-        size = self._index.block_size
-        block_ids: list[int] = []
-        for i in range(start_block, len(keys)):
-            block_id = self._index.get(keys[i], token_ids[i * size:(i + 1) * size], cache_salt)
-            if block_id is None:
-                break
-            block_ids.append(block_id)
-        return block_ids
+        return self._index.match(token_ids, cache_salt, keys, start_block)
 
     def entry(self, block_id: int) -> tuple[bytes, tuple[int, ...], str]:
         """(key, token_ids, cache_salt) of a cached host block, to publish its copy in the device tier."""

@@ -18,6 +18,7 @@ hashes, never a re-hash of the whole prompt per block.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -76,15 +77,18 @@ class PrefixIndex:
             return None
         return entry.block_id
 
-    def match(self, token_ids: Sequence[int], cache_salt: str, keys: Sequence[bytes] | None = None) -> list[int]:
-        """Block ids of the longest indexed full-block prefix of `token_ids` (token-compared).
+    def match(self, token_ids: Sequence[int], cache_salt: str, keys: Sequence[bytes] | None = None,
+              start_block: int = 0) -> list[int]:
+        """Block ids of the longest indexed run of full blocks of `token_ids` from `start_block` on
+        (token-compared); from 0, the longest indexed prefix.
 
         `keys`, if given, is `chain(token_ids, cache_salt)` computed earlier, so nothing is hashed
         twice; without them only the blocks up to the first miss are hashed.
         """
         block_ids: list[int] = []
         size = self.block_size
-        for i, key in enumerate(keys if keys is not None else self._keys(token_ids, cache_salt)):
+        chain = keys if keys is not None else self._keys(token_ids, cache_salt)
+        for i, key in itertools.islice(enumerate(chain), start_block, None):
             block_id = self.get(key, token_ids[i * size:(i + 1) * size], cache_salt)
             if block_id is None:
                 break
