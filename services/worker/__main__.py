@@ -91,7 +91,7 @@ def run_follower(config: WorkerConfig) -> int:
     runner = ModelRunner(config.model_dir, cuda_graphs=False, **_runner_args(config))
     logger.info("parallel rank %d of %d (stage %d, tensor rank %d) ready: %d KV blocks", layout.rank,
                 layout.world_size, layout.stage, layout.tp_rank, runner.num_blocks)
-    follow(runner, runner.block_size)  # a broken group exits the process (parallel.group_broken)
+    follow(runner, runner.block_size)  # a broken group exits the process (parallel.exit_rank_lost)
     return 0
 
 

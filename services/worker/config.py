@@ -89,7 +89,7 @@ def parse_config(argv: list[str] | None = None) -> WorkerConfig:
     p.add_argument("--tensor-parallel-size", type=int,
                    default=env_int("SWITCHYARD_TENSOR_PARALLEL_SIZE", 1, min_value=1),
                    help="ranks (processes) one model is split across by attention heads and MLP columns; "
-                        "this process is rank 0 and starts the others (gloo on the CPU) "
+                        "this process is rank 0 and starts the others (gloo) "
                         "[SWITCHYARD_TENSOR_PARALLEL_SIZE]")
     p.add_argument("--pipeline-parallel-size", type=int,
                    default=env_int("SWITCHYARD_PIPELINE_PARALLEL_SIZE", 1, min_value=1),

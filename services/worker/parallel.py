@@ -15,7 +15,7 @@ and each follower replays it on its shard, joining the all-reduces. No pickle cr
 ranks: `torch.distributed.broadcast_object_list` would pickle, so messages are plain tensors.
 
 A rank that dies breaks the collectives, and every rank exits at once when one of its collectives
-fails (`group_broken`); rank 0 also watches its followers' processes (ranks.py), so it goes even
+fails (`exit_rank_lost`); rank 0 also watches its followers' processes (ranks.py), so it goes even
 while idle. The scheduler sees the worker gone and moves its requests elsewhere, as for any dead
 worker; a follower whose rank 0 is gone fails its next receive and exits too.
 """
@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import NoReturn
@@ -145,59 +146,58 @@ def make_stage_groups(layout: Layout) -> None:
             _tp_group = group
 
 
-def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+@contextmanager
+def _collective() -> Iterator[None]:
+    """Around every send, receive and collective: a failure means a rank is gone, and no later step
+    could complete. The process exits at once instead of failing this step: a worker that answered
+    one INTERNAL would be taken back into its pool by the scheduler's next probe, only to fail again."""
     try:
-        dist.all_reduce(tensor, group=_tp_group)
+        yield
     except RuntimeError as e:
-        group_broken(e)
+        exit_rank_lost(f"a collective failed ({e}); rank {dist.get_rank()} exits")
+
+
+def exit_rank_lost(reason: str) -> NoReturn:
+    """Ends this rank now (no graceful drain: its group can compute nothing more)."""
+    logger.error("parallel worker: %s", reason)
+    logging.shutdown()
+    os._exit(EXIT_RANK_LOST)
+
+
+def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    with _collective():
+        dist.all_reduce(tensor, group=_tp_group)
     return tensor
 
 
 def isend(tensor: torch.Tensor, dst: int) -> tuple[object, torch.Tensor]:
     """Starts a send; the tensor is kept with its handle until `wait_all`."""
     tensor = tensor.contiguous()
-    try:
+    with _collective():
         return dist.isend(tensor, dst), tensor
-    except RuntimeError as e:
-        group_broken(e)
 
 
 def wait_all(pending: list[tuple[object, torch.Tensor]]) -> None:
-    try:
+    with _collective():
         for work, _ in pending:
             work.wait()
-    except RuntimeError as e:
-        group_broken(e)
 
 
 def recv(shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
     tensor = torch.empty(shape, dtype=dtype)
-    try:
+    with _collective():
         dist.recv(tensor, src)
-    except RuntimeError as e:
-        group_broken(e)
     return tensor
 
 
 def _broadcast(tensor: torch.Tensor) -> None:
-    try:
+    with _collective():
         dist.broadcast(tensor, src=0)
-    except RuntimeError as e:
-        group_broken(e)
-
-
-def group_broken(error: Exception) -> NoReturn:
-    """A collective failed: a rank is gone, and no later step could complete. The process exits at
-    once instead of failing this step: a worker that answered one INTERNAL and then the scheduler's
-    next probe would be taken back into its pool, only to fail again."""
-    logger.error("tensor parallel: a collective failed (%s); rank %d exits", error, dist.get_rank())
-    logging.shutdown()
-    os._exit(EXIT_RANK_LOST)
 
 
 def init_group(rank: int, world_size: int, master_port: int, timeout: timedelta = IDLE_TIMEOUT) -> None:
-    """Joins the worker's process group (gloo on the CPU, NCCL on CUDA would be the same call);
-    blocks until every rank has joined or `timeout` passes."""
+    """Joins the worker's process group (gloo, whatever the device); blocks until every rank has
+    joined or `timeout` passes."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{master_port}", rank=rank,
                             world_size=world_size, timeout=timeout)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import logging
 import os
 import signal
 import socket
@@ -25,9 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-from services.worker.parallel import EXIT_RANK_LOST, shard_spec, stage_layers
+from services.worker.parallel import EXIT_RANK_LOST, exit_rank_lost, shard_spec, stage_layers
 
-logger = logging.getLogger("switchyard.worker")
 
 _PR_SET_PDEATHSIG = 1
 
@@ -70,13 +68,11 @@ def watch_followers(followers: list[subprocess.Popen], poll_interval_s: float = 
             for rank, process in enumerate(followers, start=1):
                 code = process.poll()
                 if code is not None:
-                    logger.error("tensor-parallel rank %d (pid %d) exited with %s; the worker cannot compute "
-                                 "without it and stops", rank, process.pid, code)
                     for other in followers:
                         if other.poll() is None:
                             other.kill()
-                    logging.shutdown()
-                    os._exit(EXIT_RANK_LOST)
+                    exit_rank_lost(f"rank {rank} (pid {process.pid}) exited with {code}; the worker cannot "
+                                   "compute without it and stops")
             time.sleep(poll_interval_s)
 
     thread = threading.Thread(target=run, name="rank-watch", daemon=True)
