@@ -54,11 +54,11 @@ Knobs (constructor arguments; nothing is read from the environment):
 from __future__ import annotations
 
 import bisect
-from collections import Counter
 from collections.abc import Sequence
 
 from services.scheduler.batch_wait import BatchWait
 from services.scheduler.block_manager import BlockManager
+from services.scheduler.prefix_claims import PrefixClaims
 from services.scheduler.plan import (
     RequestEvent,
     RequestOutput,
@@ -117,14 +117,11 @@ class Batcher:
         self._running: dict[str, Request] = {}
         self._on_worker: set[str] = set()  # ids the worker holds state for
         self._finished_ids: dict[str, None] = {}  # insertion-ordered set for the next plan
-        # Prefix-index keys of prompt blocks a running request is computing but has not yet
-        # published, and the reverse map so they can be dropped with their owner.
-        self._computing: dict[bytes, str] = {}
-        self._computing_keys: dict[str, list[bytes]] = {}
+        # Prefix-index keys of prompt blocks a running request is computing but has not yet published.
+        self._computing = PrefixClaims()
         self._waiting_on: dict[str, bytes] = {}  # waiter -> the key it waits for (saves re-hashing)
-        # Prompt block keys promised to this worker (routed, first token not yet out), counted.
-        self._pending: Counter[bytes] = Counter()
-        self._pending_keys: dict[str, list[bytes]] = {}
+        # Prompt block keys promised to this worker (routed, first token not yet out).
+        self._pending = PrefixClaims()
         self._next_seq = 0
         self._next_step_id = 1  # 0 reads as "unset" on the wire
         self.short_of_blocks = False  # the last lookahead plan left a request out for want of blocks
@@ -172,30 +169,19 @@ class Batcher:
         keys = manager.block_keys(token_ids, request.cache_salt)
         num_blocks = len(manager.lookup_prefix(token_ids, request.cache_salt, keys))
         num_host_blocks = len(manager.lookup_host_prefix(token_ids, request.cache_salt, keys, num_blocks))
-        num_pending = 0
-        for key in keys:
-            if key not in self._pending:
-                break
-            num_pending += 1
-        num_device_blocks = max(num_blocks, num_pending)
+        num_device_blocks = max(num_blocks, self._pending.prefix_length(keys))
         num_host_blocks = max(0, num_blocks + num_host_blocks - num_device_blocks)  # promised counts first
         return num_device_blocks * manager.block_size, num_host_blocks * manager.block_size
 
     def _promise(self, request: Request) -> None:
-        if request.output_token_ids or request.request_id in self._pending_keys:
+        if request.output_token_ids or self._pending.holds(request.request_id):
             return  # a moved request's prompt is no new promise: it was computed somewhere
-        keys = self.block_manager.block_keys(request.prompt_token_ids, request.cache_salt)
-        self._pending_keys[request.request_id] = keys
-        self._pending.update(keys)
+        self._pending.claim(request.request_id,
+                            self.block_manager.block_keys(request.prompt_token_ids, request.cache_salt))
 
     def _keep_promise(self, request_id: str) -> None:
         """Its prompt is computed (its blocks are in the index now) or it left."""
-        keys = self._pending_keys.pop(request_id, None)
-        if keys:
-            self._pending.subtract(keys)
-            for key in keys:
-                if self._pending[key] <= 0:
-                    del self._pending[key]
+        self._pending.release(request_id)
 
     def has_work(self) -> bool:
         return bool(self._requests or self._finished_ids)
@@ -260,10 +246,8 @@ class Batcher:
         self._on_worker.clear()
         self._finished_ids.clear()  # a restarted worker holds nothing to drop
         self._computing.clear()
-        self._computing_keys.clear()
         self._waiting_on.clear()
         self._pending.clear()
-        self._pending_keys.clear()
         self.block_manager.reset()
         return requests
 
@@ -388,14 +372,11 @@ class Batcher:
 
     def _mark_computing(self, request_id: str, keys: list[bytes], num_hit_blocks: int) -> None:
         owned = [key for key in keys[num_hit_blocks:] if key not in self._computing]
-        if owned:
-            for key in owned:
-                self._computing[key] = request_id
-            self._computing_keys[request_id] = owned
+        if owned:  # a key computed by another request stays that one's
+            self._computing.claim(request_id, owned)
 
     def _done_computing(self, request_id: str) -> None:
-        for key in self._computing_keys.pop(request_id, ()):
-            del self._computing[key]
+        self._computing.release(request_id)
 
     def _make_plan(self, scheduled: dict[str, ScheduledNew | ScheduledCached], num_preemptions: int) -> StepPlan:
         copies_to_host, copies_to_device = self.block_manager.take_copies()  # made while this plan was built

@@ -145,7 +145,7 @@ class Frontend:
                 if finish is not None:
                     usage = Usage(len(prompt_ids), num_output_tokens, num_cached_tokens)
                 chunk = GenerateChunk(request_id, text, event.token_ids, event.logprobs, finish, usage, mark)
-                if recorded is not None and cache is not None and key is not None:
+                if recorded is not None:  # only made with a key, so with a cache
                     recorded.append(replace(chunk, request_id="", cache=None))
                     if finish is not None and served_by is not None:
                         # Stored before the last chunk goes out: the answer is complete, whether or
