@@ -7,7 +7,6 @@ K/V go to the slots a step names and attention reads the paged blocks.
 
 from __future__ import annotations
 
-
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,8 +17,8 @@ from services.worker.calibration import activation_absmax, calibration_ids
 from services.worker.kernels import AttentionMetadata, select_backend
 from services.worker.linear import QUANTIZATIONS
 from services.worker.llama import LlamaModel
-from services.worker.kv_pool import KVPool, KVPoolShape, num_blocks_for_budget, num_host_blocks_for_budget
 from services.worker import pipeline
+from services.worker.kv_pool import KVPool, KVPoolShape, num_blocks_for_budget, num_host_blocks_for_budget
 from services.worker.parallel import Layout, LeaderKVPool, send_forward, shard_spec, stage_layers
 from shared.cpu_features import cpu_features
 from shared.gguf_model import GgufModel, is_gguf_path, served_model_name
