@@ -48,21 +48,32 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = _MESSAGE_SIZE_OPTIONS + (
 )
 
 
+def _options(keepalive_ms: tuple[int, int] | None) -> list[tuple[str, int]]:
+    if keepalive_ms is None:
+        return list(CHANNEL_OPTIONS)
+    time_ms, timeout_ms = keepalive_ms
+    return [*CHANNEL_OPTIONS, ("grpc.keepalive_time_ms", time_ms), ("grpc.keepalive_timeout_ms", timeout_ms)]
+
+
 def insecure_channel(
-    address: str, *, interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None
+    address: str, *, interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+    keepalive_ms: tuple[int, int] | None = None,
 ) -> grpc.aio.Channel:
     """A plaintext channel to another Switchyard service (loopback or a private network)."""
     # Looked up at call time: telemetry instrumentation replaces grpc.aio.insecure_channel.
-    return grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS), interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=_options(keepalive_ms), interceptors=interceptors)
 
 
 def open_channel(
-    address: str, tls: TlsConfig | None = None, *, interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None
+    address: str, tls: TlsConfig | None = None, *, interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+    keepalive_ms: tuple[int, int] | None = None,
 ) -> grpc.aio.Channel:
-    """A channel to another Switchyard service: TLS (mutual when `tls` has a CA) or plaintext."""
+    """A channel to another Switchyard service: TLS (mutual when `tls` has a CA) or plaintext.
+    `keepalive_ms` (ping interval, ping timeout) replaces the default for a peer whose silence must
+    be noticed sooner (servers accept pings at any rate: max_ping_strikes 0)."""
     if tls is None or not tls.enabled:
-        return insecure_channel(address, interceptors=interceptors)
-    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=list(CHANNEL_OPTIONS),
+        return insecure_channel(address, interceptors=interceptors, keepalive_ms=keepalive_ms)
+    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=_options(keepalive_ms),
                                    interceptors=interceptors)
 
 

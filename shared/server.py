@@ -64,6 +64,7 @@ class GrpcServer:
         tls: TlsConfig | None = None,
         liveness: Callable[[], bool] | None = None,
         liveness_period_s: float = 1.0,
+        ready: bool = True,
     ) -> None:
         if grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {grace_s}")
@@ -76,6 +77,8 @@ class GrpcServer:
         self._telemetry = telemetry
         self._tls = tls if tls is not None and tls.enabled else None
         self._liveness = liveness
+        self._ready = ready
+        self._status: int | None = None  # last set overall; None before start
         self._liveness_period_s = liveness_period_s
         self._watchdog: asyncio.Task[None] | None = None
         self._server: grpc.aio.Server | None = None
@@ -210,8 +213,17 @@ class GrpcServer:
             self._terminated.set()
 
     async def _set_health(self, status: int) -> None:
+        self._status = status
         for name in ("", *self._service_names):
-            await self._health.set(name, status)
+            # A service that is up but not ready (a standby scheduler) is NOT_SERVING under its own
+            # name, which readiness probes ask, and SERVING overall, which liveness probes ask.
+            await self._health.set(name, status if self._ready or not name else _NOT_SERVING)
+
+    async def set_ready(self, ready: bool) -> None:
+        """Whether the named services take requests now; the process stays live either way."""
+        self._ready = ready
+        if self._shutdown_task is None and self._status is not None:
+            await self._set_health(self._status)
 
     async def _watch_liveness(self, check: Callable[[], bool]) -> None:
         live = True
@@ -272,8 +284,12 @@ async def serve(
     tls: TlsConfig | None = None,
     liveness: Callable[[], bool] | None = None,
     liveness_period_s: float = 1.0,
+    ready: bool = True,
+    on_started: Callable[[GrpcServer], Awaitable[None]] | None = None,
 ) -> None:
-    """Runs a service until SIGTERM/SIGINT and its shutdown have completed (for `__main__`)."""
+    """Runs a service until SIGTERM/SIGINT and its shutdown have completed (for `__main__`).
+    `ready` False starts it NOT_SERVING under its service names (see `set_ready`); `on_started`
+    gets the server once it listens."""
     server = GrpcServer(
         service_name=service_name,
         register=register,
@@ -285,8 +301,11 @@ async def serve(
         tls=tls,
         liveness=liveness,
         liveness_period_s=liveness_period_s,
+        ready=ready,
     )
     await server.start()
+    if on_started is not None:
+        await on_started(server)
     server.install_signal_handlers()
     try:
         await server.wait_for_termination()

@@ -12,6 +12,7 @@ from switchyard.scheduler.v1 import scheduler_pb2_grpc
 
 from services.scheduler.fleet import Fleet, FleetConfig
 from services.scheduler.router import PoolConfig
+from services.scheduler.leadership import Leadership
 from services.scheduler.servicer import AdminServicer, SchedulerServicer
 from services.tokenizer.codec import Codec
 from services.tokenizer.frontend import Frontend
@@ -74,7 +75,8 @@ class Stack:
         self.fleet = Fleet(FleetConfig(pools=tuple(pools), max_num_batched_tokens=self.max_num_batched_tokens,
                                        **{"probe_interval_s": 0.2, "router_seed": 0, **self.fleet_kw}))
         await self.fleet.start(wait_s=30)
-        servicer, admin = SchedulerServicer(self.fleet), AdminServicer(self.fleet)
+        leadership = Leadership.leading(self.fleet)
+        servicer, admin = SchedulerServicer(leadership), AdminServicer(leadership)
         self.scheduler = await self._serve("scheduler", lambda server: servicer.register(server) + admin.register(server),
                                            servicer.drain)
         self.scheduler_address = f"127.0.0.1:{self.scheduler.bound_port}"

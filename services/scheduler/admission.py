@@ -30,6 +30,10 @@ class Submission:
     cache_salt: str = ""
     priority: int = 0
     timeout_s: float | None = None  # from the call's gRPC deadline
+    # A request resumed after its scheduler went away: the tokens its client already has, and the
+    # pool they came from (see GenerateRequest.resume_output_token_ids).
+    resume_output_token_ids: tuple[int, ...] = ()
+    resume_pool: str = ""
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,11 @@ def build_request(sub: Submission, limits: ModelLimits, now_s: float) -> Request
            f"prompt + max_tokens = {total} tokens exceeds one worker's KV cache of "
            f"{limits.max_tokens_per_request} tokens")
     _check(sub.timeout_s is None or sub.timeout_s > 0, "deadline", "already passed")
+    resumed = sub.resume_output_token_ids
+    bad = [t for t in resumed if not 0 <= t < limits.vocab_size]
+    _check(not bad, "resume_output_token_ids", f"ids must be in [0, {limits.vocab_size}), got {bad[:5]}")
+    _check(len(resumed) < max_tokens, "resume_output_token_ids",
+           f"{len(resumed)} tokens already streamed leave nothing of max_tokens ({max_tokens}) to generate")
     return Request(
         request_id=sub.request_id,
         prompt_token_ids=list(sub.prompt_token_ids),
@@ -94,4 +103,5 @@ def build_request(sub: Submission, limits: ModelLimits, now_s: float) -> Request
         deadline_s=None if sub.timeout_s is None else now_s + sub.timeout_s,
         session_id=sub.session_id,
         cache_salt=sub.cache_salt,
+        output_token_ids=list(resumed),  # they count against max_tokens; the worker recomputes their KV
     )

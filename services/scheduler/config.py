@@ -28,6 +28,11 @@ from shared.config import ConfigError, env_float, env_int, env_list, env_str
 from shared.tls import TlsConfig, add_tls_arguments, tls_from_args
 
 
+# How long a silent leader keeps the lease: the failover time after a kill -9, and how long a stall
+# (a paused process, a lost store) may last before a standby takes over. Renewals go every third.
+DEFAULT_LEASE_DURATION_S = 3.0
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     host: str
@@ -38,6 +43,9 @@ class SchedulerConfig:
     grace_s: float
     liveness_timeout_s: float = 60.0  # requests running and no token for this long: NOT_SERVING; 0: off
     tls: TlsConfig = TlsConfig()
+    leader_lease: str = ""  # "": lead alone; "file:<path>" or "k8s:[<ns>/]<name>": active/standby (lease.py)
+    lease_duration_s: float = DEFAULT_LEASE_DURATION_S
+    advertise_address: str = ""  # how front doors and operators reach this scheduler; default host:port
 
     @property
     def address(self) -> str:
@@ -134,6 +142,17 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
                    default=env_float("SWITCHYARD_LIVENESS_TIMEOUT_S", 60.0, min_value=0),
                    help="health turns NOT_SERVING while requests run and no token came for this long; 0 "
                         "disables [SWITCHYARD_LIVENESS_TIMEOUT_S]")
+    p.add_argument("--leader-lease", default=env_str("SWITCHYARD_LEADER_LEASE", ""),
+                   help="run active/standby: 'file:<path>' (one host or a shared volume) or "
+                        "'k8s:[<namespace>/]<name>' (a Kubernetes Lease); the holder drives the workers, "
+                        "the others stand by and refuse requests; empty: lead alone [SWITCHYARD_LEADER_LEASE]")
+    p.add_argument("--lease-duration-s", type=float,
+                   default=env_float("SWITCHYARD_LEASE_DURATION_S", DEFAULT_LEASE_DURATION_S, min_value=0.3),
+                   help="how long a leader that stopped renewing keeps the lease (the failover time after "
+                        "a crash) [SWITCHYARD_LEASE_DURATION_S]")
+    p.add_argument("--advertise-address", default=env_str("SWITCHYARD_ADVERTISE_ADDRESS", ""),
+                   help="this scheduler's address as the lease names it (host:port); default --host:--port "
+                        "[SWITCHYARD_ADVERTISE_ADDRESS]")
     p.add_argument("--discovery-interval-s", type=float,
                    default=env_float("SWITCHYARD_DISCOVERY_INTERVAL_S", 5.0, min_value=0.1),
                    help="how often pools with a 'dns' name are resolved again [SWITCHYARD_DISCOVERY_INTERVAL_S]")
@@ -205,4 +224,19 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
     )
     return SchedulerConfig(host=a.host, port=a.port, metrics_port=a.metrics_port, fleet=fleet,
                            startup_wait_s=a.startup_wait_s, grace_s=a.grace_s,
-                           liveness_timeout_s=a.liveness_timeout_s, tls=fleet.tls)
+                           liveness_timeout_s=a.liveness_timeout_s, tls=fleet.tls,
+                           leader_lease=_check_lease(a.leader_lease, a.lease_duration_s),
+                           lease_duration_s=a.lease_duration_s,
+                           advertise_address=a.advertise_address or f"{a.host}:{a.port}")
+
+
+def _check_lease(spec: str, duration_s: float) -> str:
+    if not spec:
+        return ""
+    if not math.isfinite(duration_s) or duration_s < 0.3:
+        raise ConfigError(f"--lease-duration-s: must be a finite number >= 0.3, got {duration_s!r}")
+    kind, _, rest = spec.partition(":")
+    if kind not in ("file", "k8s") or not rest:
+        raise ConfigError(f"--leader-lease / SWITCHYARD_LEADER_LEASE: expected 'file:<path>' or "
+                          f"'k8s:[<namespace>/]<name>', got {spec!r}")
+    return spec

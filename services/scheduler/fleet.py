@@ -100,6 +100,8 @@ class Fleet:
         self._routable_listeners: list[Callable[[], None]] = []
         self._routable = self.router.routable()
         self.loops: dict[str, WorkerLoop] = {}
+        # A worker refused this fleet's epoch (a newer scheduler owns it); the leadership steps down.
+        self.on_fenced: Callable[[str], None] = lambda reason: logger.warning("fenced: %s", reason)
         self._dns = {p.name: DnsTarget.parse(p.dns, f"pools[{p.name}].dns") for p in config.pools if p.dns}
         self._tasks: list[asyncio.Task[None]] = []
         for pool in config.pools:
@@ -117,6 +119,7 @@ class Fleet:
             step_timeout_s=config.step_timeout_s, probe_interval_s=config.probe_interval_s, clock=self._clock,
             tls=config.tls, async_scheduling=config.async_scheduling, batch_wait_ms=config.batch_wait_ms,
             kv_eviction=config.kv_eviction, scheduler_epoch=config.scheduler_epoch,
+            on_fenced=lambda reason: self.on_fenced(reason),
         )
 
     async def start(self, wait_s: float = 0.0) -> None:
@@ -282,7 +285,15 @@ class Fleet:
         if self.num_waiting() >= self.config.max_waiting_requests:
             raise ResourceExhausted(
                 f"waiting queue is full ({self.config.max_waiting_requests} requests)", retry_after_s=0.5)
-        pool, sticky = self.router.choose_pool(sub.session_id, lambda name: any(l.up for l in self._pool_loops(name)))
+        def available(name: str) -> bool:
+            return any(loop.up for loop in self._pool_loops(name))
+
+        if sub.resume_pool and sub.resume_pool in self.router.weights() and available(sub.resume_pool):
+            # A resumed answer stays with the model version that wrote its first tokens, whatever
+            # the weights say now (a new request of its session may go elsewhere).
+            pool, sticky = sub.resume_pool, False
+        else:
+            pool, sticky = self.router.choose_pool(sub.session_id, available)
         now = self._clock()
         request = build_request(sub, self._limits(pool), now)
         request.trace_context = trace_context
@@ -296,6 +307,14 @@ class Fleet:
         self._idle.clear()
         self._place(live, self.loops[decision.worker], decision)
         return live
+
+    def fail_all(self, error: RequestError) -> None:
+        """Ends every live request with `error` (this scheduler stopped leading): each stream gets
+        its last event now rather than waiting on a fleet that will not step again."""
+        for request_id in list(self.live):
+            live = self._forget(request_id)
+            if live is not None:
+                live.sink(RequestEvent(request_id, (), (), FinishReason.ABORT, error))
 
     def abort(self, request_id: str) -> bool:
         live = self._forget(request_id)

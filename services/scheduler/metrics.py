@@ -96,6 +96,9 @@ REQUESTS = Counter(
     "switchyard_requests_total", "Finished requests by finish reason (stop, length, abort, error).",
     (*_LABELS, "finish_reason"))
 WORKER_UP = Gauge("switchyard_worker_up", "1 while the worker answers and takes requests, else 0.", _LABELS)
+LEADER = Gauge("switchyard_scheduler_leader",
+               "1 while this scheduler leads (drives the workers, takes requests), 0 while it stands by.")
+LEADER_EPOCH = Gauge("switchyard_scheduler_epoch", "The epoch this scheduler leads with; 0 while it stands by.")
 POOL_WEIGHT = Gauge("switchyard_pool_weight", "Traffic weight of the pool.", ("pool",))
 ROUTING_DECISIONS = Counter(
     "switchyard_routing_decisions_total", "Workers chosen for a request (sticky: the session's pool).",
@@ -123,6 +126,20 @@ POOL_KV_BLOCKS_USED_RATIO = Gauge(
     "switchyard_pool_kv_blocks_used_ratio",
     "KV blocks referenced by a live request / usable blocks, over the pool's workers that are up.", ("pool",))
 
+
+
+class Leadership(Protocol):
+    @property
+    def fleet(self) -> object | None: ...
+
+    @property
+    def epoch(self) -> int: ...
+
+
+def observe_leadership(leadership: Leadership) -> None:
+    """Read at scrape time: 1/0 for leading with a published fleet, and its epoch."""
+    LEADER.set_function(lambda: 1.0 if leadership.fleet is not None else 0.0)
+    LEADER_EPOCH.set_function(lambda: float(leadership.epoch))
 
 
 def observe_fleet(fleet: Fleet, autoscale: AutoscalePolicy = AutoscalePolicy()) -> None:

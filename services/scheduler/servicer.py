@@ -11,16 +11,45 @@ from switchyard.scheduler.v1 import scheduler_pb2_grpc
 
 from services.scheduler import wire
 from services.scheduler.fleet import Fleet
+from services.scheduler.leadership import Leadership, Role
 from services.scheduler.request import ErrorKind, RequestError
 from services.scheduler.session import CANCELLED, FrontDoorSession, conclude, error_for
 from services.scheduler.tracing import start_request_span
 from shared.errors import SwitchyardError, Unavailable
 
 
+def fleet_or_refuse(leadership: Leadership) -> Fleet:
+    """The fleet this scheduler leads; a standby refuses with UNAVAILABLE naming the leader."""
+    fleet = leadership.fleet
+    if fleet is None:
+        leader = f"; the leader is {leadership.leader}" if leadership.leader else ""
+        state = "leads but its workers have not answered yet" if leadership.role is Role.LEADER else "is a standby"
+        raise Unavailable(f"scheduler {leadership.identity or ''} {state}{leader}".replace("  ", " "))
+    return fleet
+
+
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, fleet: Fleet) -> None:
-        self._fleet = fleet
+    def __init__(self, leadership: Leadership) -> None:
+        self._leadership = leadership
         self._draining = False
+        self._sessions: set[FrontDoorSession] = set()
+        leadership.on_change(self._role_changed)
+
+    @property
+    def _fleet(self) -> Fleet:
+        return fleet_or_refuse(self._leadership)
+
+    async def _role_changed(self, leading: bool) -> None:
+        if leading:
+            return
+        # Every front door's stream ends UNAVAILABLE: the front doors resubmit their requests to
+        # the new leader. Generate streams end the same way.
+        error = Unavailable("this scheduler stopped leading; resubmit to the leader")
+        for session in list(self._sessions):
+            session.fail(error)
+        fleet = self._leadership.fleet
+        if fleet is not None:
+            fleet.fail_all(RequestError(ErrorKind.UNAVAILABLE, str(error)))
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self, server)
@@ -29,12 +58,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TokenEvent]:
         if self._draining:
             raise Unavailable("scheduler is draining")
+        fleet = self._fleet  # this call's, even if this scheduler stops leading before it ends
         sub = wire.submission_from_pb(request, context.time_remaining())
         span, traceparent = start_request_span(sub.request_id)
         live = None
         finish_reason, error = "abort", CANCELLED
         try:
-            live = self._fleet.submit(sub, traceparent)
+            live = fleet.submit(sub, traceparent)
             finished = False
             while not finished:
                 event = await live.events.get()
@@ -55,18 +85,22 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             raise
         finally:
             # Reached on normal end, on error, and when the client goes away (cancellation).
-            conclude(self._fleet, live, span, finish_reason, error)
+            conclude(fleet, live, span, finish_reason, error)
 
     async def Connect(self, requests: AsyncIterator[pb.ConnectRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ConnectResponse]:
         session = FrontDoorSession(self._fleet)
+        self._sessions.add(session)
         reader = asyncio.create_task(self._read(requests, session), name="connect reader")
         try:
             while (outgoing := await session.next_batch()) is not None:
                 yield wire.outgoing_to_pb(outgoing)
+            if session.failure is not None:
+                raise session.failure
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
                 raise reader.exception()  # a bug in the reader ends the stream with INTERNAL
         finally:
+            self._sessions.discard(session)
             reader.cancel()
             session.close()  # the stream ended, however: whatever still runs is aborted
 
@@ -85,11 +119,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             session.end_input()
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        return wire.abort_response_to_pb(self._fleet.abort(request.request_id))
+        fleet = self._leadership.fleet
+        return wire.abort_response_to_pb(fleet is not None and fleet.abort(request.request_id))
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.SchedulerStats:
+        leadership = self._leadership
+        role = (leadership.role.value, leadership.epoch, leadership.leader)
+        fleet = leadership.fleet
+        if fleet is None:
+            return wire.stats_to_pb([], [], 0, role)
         workers = []
-        for loop in self._fleet.loops.values():
+        for loop in fleet.loops.values():
             row = dict(address=loop.address, pool=loop.pool, up=loop.up)
             if loop.batcher is not None:
                 manager = loop.batcher.block_manager
@@ -103,20 +143,25 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     row.update(num_host_blocks_total=host.num_blocks_total, num_host_blocks_used=host.num_blocks_used,
                                num_host_blocks_cached=host.num_blocks_cached, num_host_blocks_free=host.num_blocks_free)
             workers.append(row)
-        pools = [dict(name=p.name, version=p.version, weight=p.weight) for p in self._fleet.router.pools()]
-        return wire.stats_to_pb(workers, pools, len(self._fleet.live))
+        pools = [dict(name=p.name, version=p.version, weight=p.weight) for p in fleet.router.pools()]
+        return wire.stats_to_pb(workers, pools, len(fleet.live), role)
 
     async def drain(self) -> None:
         """Refuses new requests and lets the running ones finish (bounded by the server's grace)."""
         self._draining = True
-        await self._fleet.wait_idle()
+        if self._leadership.fleet is not None:
+            await self._leadership.fleet.wait_idle()
 
 
 class AdminServicer(scheduler_pb2_grpc.SchedulerAdminServicer):
     """Operator controls on the scheduler's port: read the pools, set a pool's weight."""
 
-    def __init__(self, fleet: Fleet) -> None:
-        self._fleet = fleet
+    def __init__(self, leadership: Leadership) -> None:
+        self._leadership = leadership
+
+    @property
+    def _fleet(self) -> Fleet:
+        return fleet_or_refuse(self._leadership)
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         scheduler_pb2_grpc.add_SchedulerAdminServicer_to_server(self, server)

@@ -60,6 +60,7 @@ class FrontDoorSession:
         self._outbox: list[Delivery] = []
         self._ready = asyncio.Event()
         self.input_closed = False  # the front door sends nothing more; end once its requests have
+        self.failure: SwitchyardError | None = None  # set: the stream ends with this status (fail)
         # The routable pools ride on the first message (no message of their own: until a request's
         # events arrive the front door has no answer to cache) and go out again at once after every
         # change, so a front door that caches answers drops a rolled-back pool's without delay.
@@ -98,6 +99,12 @@ class FrontDoorSession:
         self._unwatch()
         self._unwatch = lambda: None
         self._ready.set()
+
+    def fail(self, error: SwitchyardError) -> None:
+        """Ends the stream with `error` once what is in the outbox has gone (this scheduler stopped
+        leading): its requests are aborted here and resumed by the front door elsewhere."""
+        self.failure = error
+        self.close()
 
     def end_input(self) -> None:
         self.input_closed = True

@@ -41,6 +41,8 @@ def submission_from_pb(msg: pb.GenerateRequest, timeout_s: float | None) -> Subm
         cache_salt=msg.cache_salt,
         priority=msg.priority,
         timeout_s=timeout_s,
+        resume_output_token_ids=tuple(msg.resume_output_token_ids),
+        resume_pool=msg.resume_pool,
     )
 
 
@@ -170,11 +172,17 @@ def worker_spec_from_pb(msg: worker_pb.WorkerInfo) -> WorkerSpec:
     )
 
 
-def stats_to_pb(workers: list[dict], pools: list[dict], num_live_requests: int) -> pb.SchedulerStats:
+_ROLE_TO_PB = {"leader": pb.SCHEDULER_ROLE_LEADER, "standby": pb.SCHEDULER_ROLE_STANDBY}
+
+
+def stats_to_pb(workers: list[dict], pools: list[dict], num_live_requests: int,
+                role: tuple[str, int, str] = ("leader", 0, "")) -> pb.SchedulerStats:
+    """`role`: (role name, epoch, the leader's address) as the leadership says."""
     return pb.SchedulerStats(
         workers=[pb.WorkerStats(**w) for w in workers],
         pools=[pb.PoolStats(**p) for p in pools],
         num_live_requests=num_live_requests,
+        role=_ROLE_TO_PB[role[0]], scheduler_epoch=role[1], leader=role[2],
     )
 
 

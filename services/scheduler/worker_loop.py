@@ -56,6 +56,7 @@ class WorkerLoop:
         batch_wait_ms: float = 0.0,
         kv_eviction: str = DEFAULT_EVICTION,
         scheduler_epoch: int = 0,
+        on_fenced: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.address = address
         self.pool = pool
@@ -68,6 +69,10 @@ class WorkerLoop:
         self.kv_eviction = kv_eviction  # the policy of every block pool this loop mirrors
         self.scheduler_epoch = scheduler_epoch  # on every Reset and Step: the worker fences older schedulers
         self._on_events = on_events
+        # A worker refused this loop's epoch: a newer scheduler has reset it. The fleet's leadership
+        # steps down at once (its requests resume through their front doors), so the loop neither
+        # marks the worker down nor moves its requests: they are no longer this scheduler's to run.
+        self._on_fenced = on_fenced
         self._on_down = on_down
         self._on_up = on_up
         self._max_num_batched_tokens = max_num_batched_tokens
@@ -141,6 +146,8 @@ class WorkerLoop:
             try:
                 await self._run()
             except grpc.aio.AioRpcError as e:
+                if _is_fenced(e):
+                    self._on_fenced(f"worker {self.address} refused a step: {e.details()}")
                 self._mark_down(f"Step failed: {e.code().name} {e.details()}")
             except (StepFailed, asyncio.InvalidStateError) as e:
                 self._mark_down(f"Step failed: {e}")
@@ -154,10 +161,11 @@ class WorkerLoop:
                 info = await self._stub.Info(wire.INFO_REQUEST, timeout=2.0)
                 await self._stub.Reset(wire.reset_request(self.scheduler_epoch), timeout=5.0)
             except grpc.aio.AioRpcError as e:
-                if e.code() is grpc.StatusCode.FAILED_PRECONDITION and not fenced:
+                if _is_fenced(e) and not fenced:
                     fenced = True  # said once: it stays so (until the worker restarts and forgets the epoch)
                     logger.warning("worker %s (pool %s) belongs to a newer scheduler (this one's epoch %d): %s",
                                    self.address, self.pool, self.scheduler_epoch, e.details())
+                    self._on_fenced(f"worker {self.address} refused our Reset: {e.details()}")
                 await asyncio.sleep(self._probe_interval_s)
                 continue
             if self.retiring:  # retired while we were asking
@@ -290,3 +298,8 @@ class WorkerLoop:
         requests = self.batcher.take_all() if self.batcher is not None else []
         self.batcher = None
         self._on_down(self, requests)
+
+
+def _is_fenced(e: grpc.aio.AioRpcError) -> bool:
+    """The worker's answer to a Reset or Step of an epoch other than its owner's."""
+    return e.code() is grpc.StatusCode.FAILED_PRECONDITION and "scheduler_epoch" in (e.details() or "")

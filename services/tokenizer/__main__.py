@@ -32,7 +32,8 @@ async def run(config: TokenizerConfig) -> None:
     codec = Codec(config.model_dir)
     gate = make_gate(config)
     scheduler = SchedulerClient(config.scheduler_address, config.tls,
-                                stream_interval_s=config.stream_interval_ms / 1000)
+                                stream_interval_s=config.stream_interval_ms / 1000,
+                                failover_timeout_s=config.failover_timeout_s)
     frontend = Frontend(codec, scheduler, model_name=config.model_name or served_model_name(config.model_dir),
                         response_cache=make_response_cache(config))
     servicer = GenerationServicer(frontend, version=config.version, max_request_bytes=config.max_request_bytes,

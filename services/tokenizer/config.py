@@ -40,6 +40,7 @@ class TokenizerConfig:
     stream_interval_ms: float = DEFAULT_STREAM_INTERVAL_MS
     response_cache_mib: float = 0.0  # 0: no response cache
     response_cache_ttl_s: float = DEFAULT_RESPONSE_CACHE_TTL_S
+    failover_timeout_s: float = 30.0
     tls: TlsConfig = TlsConfig()
 
     @property
@@ -59,7 +60,12 @@ def parse_config(argv: list[str] | None = None) -> TokenizerConfig:
     p.add_argument("--model-name", default=env_str("SWITCHYARD_MODEL_NAME", "") or None,
                    help="served model name; default the directory name or file stem [SWITCHYARD_MODEL_NAME]")
     p.add_argument("--scheduler", default=env_str("SWITCHYARD_SCHEDULER_ADDRESS", "127.0.0.1:50052"),
-                   help="scheduler address [SWITCHYARD_SCHEDULER_ADDRESS]")
+                   help="scheduler address, or several comma-separated (active/standby): a request whose "
+                        "scheduler goes away resumes on the next [SWITCHYARD_SCHEDULER_ADDRESS]")
+    p.add_argument("--failover-timeout-s", type=float,
+                   default=env_float("SWITCHYARD_FAILOVER_TIMEOUT_S", 30.0, min_value=0),
+                   help="how long a request whose scheduler went away keeps trying the others before it "
+                        "fails UNAVAILABLE [SWITCHYARD_FAILOVER_TIMEOUT_S]")
     p.add_argument("--host", default=env_str("SWITCHYARD_TOKENIZER_HOST", "127.0.0.1"),
                    help="gRPC listen host [SWITCHYARD_TOKENIZER_HOST]")
     p.add_argument("--port", type=int, default=env_int("SWITCHYARD_TOKENIZER_PORT", 50051, min_value=0),
@@ -112,5 +118,5 @@ def parse_config(argv: list[str] | None = None) -> TokenizerConfig:
         max_request_bytes=a.max_request_bytes, version=a.version_label, grace_s=a.grace_s,
         api_keys_file=a.api_keys_file, rate_limit_per_s=a.rate_limit_per_s, rate_limit_burst=a.rate_limit_burst,
         stream_interval_ms=a.stream_interval_ms, response_cache_mib=a.response_cache_mib,
-        response_cache_ttl_s=a.response_cache_ttl_s, tls=tls_from_args(a),
+        response_cache_ttl_s=a.response_cache_ttl_s, failover_timeout_s=a.failover_timeout_s, tls=tls_from_args(a),
     )

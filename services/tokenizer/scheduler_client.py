@@ -5,15 +5,24 @@ up (whatever queued while the previous write was in flight goes as one message),
 down carries the token events of many requests, which the reader hands to each request's inbox.
 A request's generator (`stream`) is its one owner here: it registers an inbox, waits on it, and on
 any early exit (a stop string, a client that went away, its deadline) sends the abort at once.
-When the stream breaks (the scheduler restarted), every request on it fails UNAVAILABLE and the
-next request opens a new stream.
+
+Failover: the front door knows every scheduler's address (`--scheduler a,b`). When its stream
+breaks (the scheduler died, stopped leading, or went silent: pings every second notice a paused
+one), each request on it is resubmitted on a new stream, to the next address, as its prompt plus
+the tokens already streamed to its client, with what is left of its deadline and its pool. The
+scheduler continues after those tokens (a seeded sampler draws by position, so the continuation is
+the one the lost scheduler would have produced) and never repeats them, so the client sees neither
+a gap nor a duplicate. A standby refuses at once, so the next address is tried; the request fails
+UNAVAILABLE only when no scheduler took it for `failover_timeout_s`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 
 import grpc
 from opentelemetry import context as otel_context
@@ -38,11 +47,12 @@ class _Inbox:
     inbox for one timer and then go out together, as one message to the client. The first event
     and a last one wake it at once (time to first token, and the end, are never held back)."""
 
-    __slots__ = ("events", "failure", "wake", "not_before_s", "timer")
+    __slots__ = ("events", "failure", "lost", "wake", "not_before_s", "timer")
 
     def __init__(self) -> None:
         self.events: list[SchedulerEvent] = []
         self.failure: SwitchyardError | None = None
+        self.lost = False  # the failure is the stream's, not the request's: resubmit elsewhere
         self.wake = asyncio.Event()
         self.not_before_s = 0.0  # the loop time before which a new event only arms the timer
         self.timer: asyncio.TimerHandle | None = None
@@ -63,9 +73,9 @@ class _Inbox:
         self.timer = None
         self.wake.set()
 
-    def fail(self, error: SwitchyardError) -> None:
+    def fail(self, error: SwitchyardError, *, lost: bool = False) -> None:
         if self.failure is None:
-            self.failure = error
+            self.failure, self.lost = error, lost
         self.wake.set()
 
     def close(self) -> None:
@@ -162,7 +172,7 @@ class _Connection:
             self.broken = error
             self._on_routable(None)  # unknown until the next stream says
             for inbox in self._inboxes.values():
-                inbox.fail(error)
+                inbox.fail(error, lost=True)
             self._inboxes.clear()
             self._tasks[0].cancel()
 
@@ -173,39 +183,105 @@ class _Connection:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+# Pings on the scheduler streams: a scheduler that stops answering (paused, partitioned) is given up
+# within about 3 s, so its requests resume elsewhere before most clients notice.
+SCHEDULER_KEEPALIVE_MS = (1_000, 2_000)
+DEFAULT_FAILOVER_TIMEOUT_S = 30.0
+_RETRY_BACKOFF_S = (0.02, 0.5)  # first and longest wait between tries of the scheduler addresses
+
+
+class _Lost(Exception):
+    """The request's stream broke before its end; it may be resubmitted."""
+
+
 class SchedulerClient:
-    def __init__(self, address: str, tls: TlsConfig | None = None, *, stream_interval_s: float = 0.0,
-                 on_routable: RoutableListener | None = None) -> None:
-        """`on_routable` hears the scheduler's routable pools as each stream announces them, and None
+    def __init__(self, address: str | Sequence[str], tls: TlsConfig | None = None, *, stream_interval_s: float = 0.0,
+                 on_routable: RoutableListener | None = None,
+                 failover_timeout_s: float = DEFAULT_FAILOVER_TIMEOUT_S) -> None:
+        """`address`: one scheduler, or several (a list, or comma-separated) run active/standby.
+        `on_routable` hears the scheduler's routable pools as each stream announces them, and None
         when a stream breaks (the set is unknown until the next one says)."""
-        self.address = address
+        addresses = address.split(",") if isinstance(address, str) else list(address)
+        self.addresses = [a.strip() for a in addresses if a.strip()]
+        if not self.addresses:
+            raise InvalidArgument("no scheduler address given", field="scheduler")
+        self.address = self.addresses[0]
         self.stream_interval_s = stream_interval_s
+        self.failover_timeout_s = failover_timeout_s
         self.on_routable: RoutableListener = on_routable or (lambda pools: None)
-        self._channel = open_channel(address, tls)
-        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+        self.num_resubmissions = 0  # requests resubmitted after a lost stream (metrics, tests)
+        self._channels = [open_channel(a, tls, keepalive_ms=SCHEDULER_KEEPALIVE_MS) for a in self.addresses]
+        self._stubs = [scheduler_pb2_grpc.SchedulerStub(c) for c in self._channels]
+        self._current = 0  # the address of the stream in use
         self._connection: _Connection | None = None
 
     def _connected(self) -> _Connection:
         if self._connection is None or self._connection.broken is not None:
-            self._connection = _Connection(self._stub, lambda pools: self.on_routable(pools))
+            if self._connection is not None and len(self._stubs) > 1:
+                # The one we had is gone or stands by: the next one may lead now.
+                self._current = (self._current + 1) % len(self._stubs)
+                self.address = self.addresses[self._current]
+            self._connection = _Connection(self._stubs[self._current], lambda pools: self.on_routable(pools))
         return self._connection
 
     async def stream(self, request_id: str, prompt_token_ids: list[int], inp: GenerateInput,
                      trace_context: otel_context.Context | None = None) -> AsyncIterator[SchedulerEvent]:
         """The request's events in order, merged when several arrived since the last read (a slow
-        reader gets fewer, larger events); raises the request's typed error if it fails."""
+        reader gets fewer, larger events); raises the request's typed error if it fails. A lost
+        scheduler stream is not a failure: the request resumes on another stream (see the module)."""
         carrier: dict[str, str] = {}
         if trace_context is not None:
             _propagator.inject(carrier, context=trace_context)
-        submission = wire.scheduler_request_to_pb(request_id, prompt_token_ids, inp, carrier.get("traceparent", ""))
+        traceparent = carrier.get("traceparent", "")
+        loop = asyncio.get_running_loop()
+        deadline_s = None if inp.timeout_s is None else loop.time() + inp.timeout_s
+        streamed: list[int] = []  # the tokens the caller has been given: a resubmission continues after them
+        pool = ""
+        lost_since_s: float | None = None
+        backoff_s = _RETRY_BACKOFF_S[0]
+        while True:
+            timeout_s = None if deadline_s is None else deadline_s - loop.time()
+            if timeout_s is not None and timeout_s <= 0:
+                raise DeadlineExceeded("deadline exceeded while resubmitting to another scheduler")
+            submission = wire.scheduler_request_to_pb(
+                request_id, prompt_token_ids, inp, traceparent, timeout_s=timeout_s,
+                resume_output_token_ids=streamed, resume_pool=pool)
+            try:
+                # aclosing: a caller that stops early aborts the request now, not when collected
+                async with aclosing(self._attempt(request_id, submission, timeout_s)) as events:
+                    async for event in events:
+                        if event.token_ids or event.finish_reason is not None:
+                            lost_since_s, backoff_s = None, _RETRY_BACKOFF_S[0]  # this scheduler delivers
+                        streamed.extend(event.token_ids)
+                        if event.served_by is not None:
+                            pool = event.served_by.name
+                        yield event
+                        if event.finish_reason is not None:
+                            return
+                return
+            except _Lost as lost:
+                now_s = time.monotonic()
+                lost_since_s = now_s if lost_since_s is None else lost_since_s
+                if now_s - lost_since_s >= self.failover_timeout_s:
+                    raise Unavailable(f"no scheduler took the request for {self.failover_timeout_s:g} s: "
+                                      f"{lost.__cause__}") from None
+                logger.info("request %s: scheduler stream lost (%s); resubmitting after %d tokens",
+                            request_id, lost.__cause__, len(streamed))
+                self.num_resubmissions += 1
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, _RETRY_BACKOFF_S[1])
+
+    async def _attempt(self, request_id: str, submission: object,
+                       timeout_s: float | None) -> AsyncIterator[SchedulerEvent]:
+        """One submission on the current stream; raises _Lost if that stream breaks first."""
         connection = self._connected()
         inbox = connection.open(request_id, submission)
         loop = asyncio.get_running_loop()
         timer = None
-        if inp.timeout_s is not None:
+        if timeout_s is not None:
             # The scheduler ends the request at its deadline; this covers a scheduler that cannot.
             timer = loop.call_later(
-                inp.timeout_s + 1.0, inbox.fail, DeadlineExceeded("deadline exceeded waiting for the scheduler"))
+                timeout_s + 1.0, inbox.fail, DeadlineExceeded("deadline exceeded waiting for the scheduler"))
         finished = False
         try:
             while True:
@@ -215,7 +291,10 @@ class SchedulerClient:
                 events = inbox.take()
                 if not events:
                     if inbox.failure is not None:
-                        raise inbox.failure  # events that came before a failure were handed over first
+                        # Events that came before a failure were handed over first.
+                        if inbox.lost:
+                            raise _Lost() from inbox.failure
+                        raise inbox.failure
                     continue
                 event = events[0].merged(events[1:]) if len(events) > 1 else events[0]
                 finished = event.finish_reason is not None
@@ -235,4 +314,5 @@ class SchedulerClient:
     async def close(self) -> None:
         if self._connection is not None:
             await self._connection.close()
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()

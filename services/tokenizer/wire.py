@@ -88,13 +88,17 @@ def chunk_to_pb(chunk: GenerateChunk) -> api_pb.GenerateResponse:
 
 
 def scheduler_request_to_pb(request_id: str, prompt_token_ids: list[int], inp: GenerateInput,
-                            traceparent: str = "") -> sched_pb.GenerateRequest:
+                            traceparent: str = "", *, timeout_s: float | None = None,
+                            resume_output_token_ids: list[int] | tuple[int, ...] = (),
+                            resume_pool: str = "") -> sched_pb.GenerateRequest:
+    """`timeout_s`: what is left of the request's own (a resubmission's is shorter)."""
     sampling = sampling_to_pb(inp.sampling)
     del sampling.stop[:]  # stop strings are the front door's; the scheduler never sees text
     return sched_pb.GenerateRequest(
         request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling,
         session_id=inp.session_id, cache_salt=inp.cache_salt, priority=inp.priority,
-        traceparent=traceparent, timeout_s=inp.timeout_s or 0.0,
+        traceparent=traceparent, timeout_s=(inp.timeout_s if timeout_s is None else timeout_s) or 0.0,
+        resume_output_token_ids=resume_output_token_ids, resume_pool=resume_pool,
     )
 
 

@@ -9,6 +9,7 @@ from switchyard.scheduler.v1 import scheduler_pb2_grpc
 
 from services.scheduler.fleet import Fleet, FleetConfig
 from services.scheduler.router import PoolConfig
+from services.scheduler.leadership import Leadership
 from services.scheduler.servicer import SchedulerServicer
 from services.worker.executor import Executor
 from services.worker.model_runner import ModelRunner
@@ -48,7 +49,7 @@ async def test_dns_pool_follows_scale_up_and_down(tiny_model_dir) -> None:
 
     pool = PoolConfig("stable", "v1", 1.0, (), dns="switchyard-worker-stable.switchyard.svc:50061")
     fleet = Fleet(FleetConfig(pools=(pool,), probe_interval_s=0.1, discovery_interval_s=3600), resolver=resolver)
-    servicer = SchedulerServicer(fleet)
+    servicer = SchedulerServicer(Leadership.leading(fleet))
     scheduler = await serve("scheduler", servicer.register)
     channel = insecure_channel(f"127.0.0.1:{scheduler.bound_port}")
     stub = scheduler_pb2_grpc.SchedulerStub(channel)

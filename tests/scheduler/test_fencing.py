@@ -16,6 +16,7 @@ from switchyard.worker.v1 import worker_pb2_grpc
 
 from services.scheduler.fleet import Fleet, FleetConfig
 from services.scheduler.router import PoolConfig
+from services.scheduler.leadership import Leadership
 from services.scheduler.servicer import SchedulerServicer
 from shared.channel import insecure_channel
 from tests.inprocess import Stack
@@ -49,7 +50,7 @@ async def test_a_scheduler_started_later_takes_the_worker_over_and_the_stale_one
         newer = Fleet(FleetConfig(pools=(pool,), max_num_batched_tokens=256, probe_interval_s=0.2,
                                   scheduler_epoch=2))
         await newer.start(wait_s=30)
-        servicer = SchedulerServicer(newer)
+        servicer = SchedulerServicer(Leadership.leading(newer))
         server = await stale._serve("scheduler-2", servicer.register, servicer.drain)
         try:
             async with insecure_channel(f"127.0.0.1:{server.bound_port}") as channel:
