@@ -1,6 +1,7 @@
 """Local stack runner: `python -m deploy.stack up|down|status`, what `make up` / `make down` run.
 
-`up` starts the workers, then the scheduler, then the tokenizer, each as a detached process (its own
+`up` starts the workers, then the schedulers (a leader and a standby sharing a lease file in the run
+dir, so killing the leader loses no request), then the tokenizer, each as a detached process (its own
 session, so it outlives `make`) logging to `<run_dir>/logs/<name>.log`, and returns once each reports
 SERVING on the gRPC health service. `<run_dir>/pids.json` records what runs, so `down` and `status`
 work from any shell. The end-to-end tests call `start_stack` / `stop_stack`: the same code path.
@@ -37,6 +38,8 @@ _PORT_VARS = {  # StackConfig field -> variable; 0 disables a metrics or HTTP po
     "scheduler_port": "SWITCHYARD_SCHEDULER_PORT", "worker_base_port": "SWITCHYARD_WORKER_BASE_PORT",
     "tokenizer_metrics_port": "SWITCHYARD_TOKENIZER_METRICS_PORT",
     "scheduler_metrics_port": "SWITCHYARD_SCHEDULER_METRICS_PORT",
+    "standby_scheduler_port": "SWITCHYARD_STANDBY_SCHEDULER_PORT",
+    "standby_scheduler_metrics_port": "SWITCHYARD_STANDBY_SCHEDULER_METRICS_PORT",
     "worker_base_metrics_port": "SWITCHYARD_WORKER_BASE_METRICS_PORT",
 }
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}  # what this process started, so it can reap them
@@ -66,6 +69,11 @@ class StackConfig:
     worker_base_port: int = 50061  # worker i (from 0) listens on base + i
     tokenizer_metrics_port: int = 9101
     scheduler_metrics_port: int = 9102
+    # 2: a standby takes over when the leader dies (leader election through a lease file); 1: alone.
+    num_schedulers: int = 2
+    standby_scheduler_port: int = 50053
+    standby_scheduler_metrics_port: int = 9103
+    lease_duration_s: float = 3.0
     worker_base_metrics_port: int = 9111
     worker_args: tuple[str, ...] = ()
     scheduler_args: tuple[str, ...] = ()
@@ -84,6 +92,7 @@ class StackConfig:
             run_dir=Path(env_str("SWITCHYARD_RUN_DIR", str(REPO_ROOT / ".run"))).absolute(),
             model_dir=Path(env_str("SWITCHYARD_MODEL", str(DEFAULT_MODEL))).absolute(),
             num_workers=env_int("SWITCHYARD_WORKERS", 2, min_value=1),
+            num_schedulers=env_int("SWITCHYARD_SCHEDULERS", 2, min_value=1, max_value=2),
             worker_args=tuple(shlex.split(env_str("SWITCHYARD_WORKER_ARGS", ""))),
             scheduler_args=tuple(shlex.split(env_str("SWITCHYARD_SCHEDULER_ARGS", ""))),
             tokenizer_args=tuple(shlex.split(env_str("SWITCHYARD_TOKENIZER_ARGS", ""))),
@@ -97,7 +106,7 @@ class StackConfig:
 
 @dataclass(frozen=True)
 class Process:
-    name: str  # "worker-1", "scheduler", "tokenizer"
+    name: str  # "worker-1", "scheduler", "scheduler-2" (the standby at start), "tokenizer"
     kind: str  # one of SERVICES
     pid: int
     address: str  # gRPC host:port
@@ -157,11 +166,15 @@ def _plan(c: StackConfig) -> list[tuple[Process, tuple[str, ...]]]:
              for i in range(c.num_workers)]
     plans = [proc(f"worker-{i + 1}", "worker", p, m, 0, *model, *c.worker_args) for i, (p, m) in enumerate(ports)]
     workers = ",".join(f"{c.host}:{p}" for p, _ in ports)
-    plans.append(proc("scheduler", "scheduler", c.scheduler_port, c.scheduler_metrics_port, 0,
-                      "--workers", workers, *c.scheduler_args))
+    schedulers = [("scheduler", c.scheduler_port, c.scheduler_metrics_port),
+                  ("scheduler-2", c.standby_scheduler_port, c.standby_scheduler_metrics_port)][:c.num_schedulers]
+    lease = ("--leader-lease", f"file:{Path(c.run_dir) / 'scheduler.lease'}",
+             "--lease-duration-s", str(c.lease_duration_s)) if len(schedulers) > 1 else ()
+    for name, port, mport in schedulers:
+        plans.append(proc(name, "scheduler", port, mport, 0, "--workers", workers, *lease, *c.scheduler_args))
     plans.append(proc("tokenizer", "tokenizer", c.tokenizer_port, c.tokenizer_metrics_port, c.http_port, *model,
                       "--http-host", c.host, "--http-port", str(c.http_port),
-                      "--scheduler", f"{c.host}:{c.scheduler_port}", *c.tokenizer_args))
+                      "--scheduler", ",".join(f"{c.host}:{port}" for _, port, _ in schedulers), *c.tokenizer_args))
     return [(p, flags) for p, flags in plans if p.kind in c.services]
 
 
@@ -228,6 +241,15 @@ def check_health(address: str, service: str, timeout_s: float = 1.0, tls: TlsCon
         return "UNREACHABLE"
 
 
+def process_health(p: Process, timeout_s: float = 1.0, tls: TlsConfig | None = None) -> str:
+    """Like check_health under the process's service name; a scheduler that stands by (NOT_SERVING
+    under the Scheduler's name, SERVING overall) is "STANDBY"."""
+    status = check_health(p.address, HEALTH_NAMES[p.kind], timeout_s, tls)
+    if p.kind == "scheduler" and status == "NOT_SERVING" and check_health(p.address, "", timeout_s, tls) == "SERVING":
+        return "STANDBY"
+    return status
+
+
 def _failure(p: Process, why: str, started: list[Process], num_lines: int = 25) -> StackError:
     try:
         tail = Path(p.log).read_text(errors="replace").splitlines()[-num_lines:]
@@ -249,7 +271,9 @@ def _spawn(p: Process, flags: tuple[str, ...], tls: TlsConfig, log_mode: str = "
     return replace(p, pid=child.pid)
 
 
-def _wait_serving(tier: list[Process], timeout_s: float, started: list[Process], tls: TlsConfig) -> None:
+def _wait_serving(tier: list[Process], timeout_s: float, started: list[Process], tls: TlsConfig,
+                  standby_ok: bool = False) -> None:
+    """Until each process of `tier` is SERVING (or, with `standby_ok`, a standby scheduler)."""
     t0 = last_note = time.monotonic()
     pending = list(tier)
     print(f"waiting for {', '.join(p.name for p in tier)} ...", flush=True)
@@ -257,8 +281,9 @@ def _wait_serving(tier: list[Process], timeout_s: float, started: list[Process],
         for p in list(pending):
             if not is_alive(p.pid):
                 raise _failure(p, f"exited (code {_CHILDREN[p.pid].returncode}) before serving", started)
-            if check_health(p.address, HEALTH_NAMES[p.kind], timeout_s=0.5, tls=tls) == "SERVING":
-                print(f"  {p.name} SERVING on {p.address} after {time.monotonic() - t0:.1f} s", flush=True)
+            health = process_health(p, timeout_s=0.5, tls=tls)
+            if health == "SERVING" or (health == "STANDBY" and standby_ok):
+                print(f"  {p.name} {health} on {p.address} after {time.monotonic() - t0:.1f} s", flush=True)
                 pending.remove(p)
         if pending and time.monotonic() - t0 > timeout_s:
             raise _failure(pending[0], f"not SERVING after {timeout_s:.0f} s", started)
@@ -290,12 +315,19 @@ def start_stack(config: StackConfig) -> Stack:
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     started: list[Process] = []
     try:
-        for kind in SERVICES:
-            tier = [_spawn(p, flags, config.tls) for p, flags in plans if p.kind == kind]
+        # Schedulers one at a time: the first leads (SERVING) before the standby starts, so the
+        # stack's `scheduler` is the leader after `up`.
+        tiers = [[(p, flags) for p, flags in plans if p.kind == kind] for kind in SERVICES if kind != "scheduler"]
+        tiers[1:1] = [[(p, flags)] for p, flags in plans if p.kind == "scheduler"]
+        for planned in tiers:
+            tier = [_spawn(p, flags, config.tls) for p, flags in planned]
             started += tier
             _write_pids(run_dir, started)
             if tier:
-                _wait_serving(tier, config.timeout_s, started, config.tls)
+                # A standby is ready as such once a scheduler started before it leads (it waited for SERVING).
+                others = [p for p in started if p not in tier]
+                _wait_serving(tier, config.timeout_s, started, config.tls,
+                              standby_ok=any(p.kind == "scheduler" for p in others))
     except BaseException:  # Ctrl-C included: leave nothing half-started behind
         stop_stack(run_dir, grace_s=min(config.stop_grace_s, 5.0), quiet=True)
         raise
@@ -317,7 +349,7 @@ def restart_process(config: StackConfig, name: str) -> Process:
     process, flags = planned[name]
     new = _spawn(process, flags, config.tls, log_mode="ab")
     _write_pids(Path(config.run_dir), [new if p.name == name else p for p in stack.processes])
-    _wait_serving([new], config.timeout_s, [], config.tls)
+    _wait_serving([new], config.timeout_s, [], config.tls, standby_ok=True)  # a scheduler may come back standing by
     return new
 
 
@@ -358,8 +390,7 @@ def stop_stack(run_dir: Path, grace_s: float = 15.0, quiet: bool = False) -> boo
 def stack_status(run_dir: Path, tls: TlsConfig | None = None) -> list[ProcessStatus]:
     stack = load_stack(run_dir)
     alive = {p.pid: is_alive(p.pid) for p in (stack.processes if stack else ())}
-    return [ProcessStatus(p, alive[p.pid],
-                          check_health(p.address, HEALTH_NAMES[p.kind], tls=tls) if alive[p.pid] else "DEAD")
+    return [ProcessStatus(p, alive[p.pid], process_health(p, tls=tls) if alive[p.pid] else "DEAD")
             for p in (stack.processes if stack else ())]
 
 
@@ -392,7 +423,7 @@ def _status(config: StackConfig) -> int:
         state = "alive" if s.alive else "dead"
         print(f"  {s.process.name:<10} pid {s.process.pid:<7} {state:<6} {s.health:<12} {s.process.address}")
     print(f"no stack running in {config.run_dir}" if not statuses else f"run dir {config.run_dir}")
-    return 0 if statuses and all(s.health == "SERVING" for s in statuses) else 1
+    return 0 if statuses and all(s.health in ("SERVING", "STANDBY") for s in statuses) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,10 +53,11 @@ def free_ports(count: int) -> int:
 
 def make_config(run_dir: Path, model_dir: Path, services: tuple[str, ...] = ("worker", "scheduler"),
                 **overrides: object) -> StackConfig:
-    base = free_ports(10)
+    base = free_ports(11)
     ports = dict(worker_base_port=base, worker_base_metrics_port=base + 2, scheduler_port=base + 4,
                  scheduler_metrics_port=base + 5, tokenizer_port=base + 6, http_port=base + 7,
-                 tokenizer_metrics_port=base + 8)
+                 tokenizer_metrics_port=base + 8, standby_scheduler_port=base + 9,
+                 standby_scheduler_metrics_port=base + 10)
     settings = dict(run_dir=run_dir, model_dir=model_dir, num_workers=2, worker_args=WORKER_ARGS,
                     grace_s=2.0, stop_grace_s=10.0, timeout_s=60.0, services=services, **ports)
     return StackConfig(**{**settings, **overrides})
@@ -85,22 +86,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
 
 
 def test_every_process_is_serving_and_recorded(stack: Stack) -> None:
-    assert [p.name for p in stack.processes] == ["worker-1", "worker-2", "scheduler"]
+    assert [p.name for p in stack.processes] == ["worker-1", "worker-2", "scheduler", "scheduler-2"]
     for p in stack.processes:
-        assert check_health(p.address, HEALTH_NAMES[p.kind]) == "SERVING"
+        # The standby is up but takes no requests: NOT_SERVING under the Scheduler's name only.
+        expected = "NOT_SERVING" if p.name == "scheduler-2" else "SERVING"
+        assert check_health(p.address, HEALTH_NAMES[p.kind]) == expected, p
+        assert check_health(p.address, "") == "SERVING", p
         assert Path(p.log).is_file()
     assert load_stack(stack.run_dir) == stack
     assert stack.scheduler_address and len(stack.worker_addresses) == 2
-    assert set(stack.metrics_urls) == {"worker-1", "worker-2", "scheduler"}
+    assert set(stack.metrics_urls) == {"worker-1", "worker-2", "scheduler", "scheduler-2"}
 
 
 def test_status_reports_each_process(stack: Stack) -> None:
     statuses = stack_status(stack.run_dir)
     assert [(s.process.name, s.alive, s.health) for s in statuses] == [
-        ("worker-1", True, "SERVING"), ("worker-2", True, "SERVING"), ("scheduler", True, "SERVING")]
+        ("worker-1", True, "SERVING"), ("worker-2", True, "SERVING"), ("scheduler", True, "SERVING"),
+        ("scheduler-2", True, "STANDBY")]
     cli = run_cli("status", stack.run_dir)
     assert cli.returncode == 0, cli.stdout + cli.stderr
-    assert all(name in cli.stdout for name in ("worker-1", "worker-2", "scheduler"))
+    assert all(name in cli.stdout for name in ("worker-1", "worker-2", "scheduler", "scheduler-2", "STANDBY"))
 
 
 def test_second_start_is_refused_politely(stack: Stack, tiny_model_dir: Path) -> None:
@@ -147,7 +152,7 @@ def test_worker_that_fails_to_start_stops_everything(tmp_path: Path) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("services.tokenizer.__main__") is None, reason="no tokenizer yet")
 def test_full_stack_streams_a_completion(tmp_path: Path, tiny_model_dir: Path) -> None:
     config = make_config(tmp_path / "run", tiny_model_dir, services=("worker", "scheduler", "tokenizer"),
-                         num_workers=1)
+                         num_workers=1, num_schedulers=1)
     stack = start_stack(config)
     try:
         assert stack.tokenizer_address and stack.http_url
