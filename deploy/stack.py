@@ -73,7 +73,7 @@ class StackConfig:
     num_schedulers: int = 2
     standby_scheduler_port: int = 50053
     standby_scheduler_metrics_port: int = 9103
-    lease_duration_s: float = 3.0
+    lease_duration_s: float = 5.0
     worker_base_metrics_port: int = 9111
     worker_args: tuple[str, ...] = ()
     scheduler_args: tuple[str, ...] = ()

@@ -30,7 +30,7 @@ from shared.tls import TlsConfig, add_tls_arguments, tls_from_args
 
 # How long a silent leader keeps the lease: the failover time after a kill -9, and how long a stall
 # (a paused process, a lost store) may last before a standby takes over. Renewals go every third.
-DEFAULT_LEASE_DURATION_S = 3.0
+DEFAULT_LEASE_DURATION_S = 5.0
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ async def test_kill_9_one_worker_mid_decode_loses_no_stream(stack_and_config, ti
         assert not dead.up and alive.up and alive.num_blocks_used == 0 and stats.num_live_requests == 0, stats
 
         # 3. Restart the dead worker alone: it rejoins its pool; nothing else restarts.
-        others = {name: process(stack, name).pid for name in ("scheduler", "tokenizer")}
+        others = {p.name: p.pid for p in stack.processes if p.kind != "worker"}  # both schedulers, the front door
         survivor = next(p for p in stack.processes if p.kind == "worker" and p.name != victim.name)
         restarted = restart_process(config, victim.name)
         deadline = time.monotonic() + 30
