@@ -7,7 +7,7 @@ PRESET ?= smollm2
 PROTO_OUT := shared/proto
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: setup protos model test test-chaos test-compose test-all bench bench-smoke up down run status clean
+.PHONY: setup protos model test test-chaos test-soak test-compose test-all bench bench-smoke up down run status clean
 
 # Creates .venv with every dependency pinned: requirements.txt (what the services run on, and all the
 # Docker image gets) plus requirements-dev.txt (tests, benchmarks, Triton, manifest validation).
@@ -44,6 +44,13 @@ test: setup
 # The long fault-injection suite (abort storm, kill -9, overload, NaN, fuzzing); CI runs it after `test`.
 test-chaos: setup
 	$(PY) -m pytest -q -m chaos
+
+# The soak (not in CI): the real model at ~70% of capacity with random aborts and a worker restart every
+# 3 minutes, for SOAK_MINUTES (default 30); checks RSS, leaked blocks, failures and TTFT, and writes
+# the figures to bench/results/soak.json. `make test-chaos` runs a 3-minute version.
+SOAK_MINUTES ?= 30
+test-soak: setup model
+	$(PY) -m tests.soak.soak --minutes $(SOAK_MINUTES) --out bench/results/soak.json
 
 # docker-compose.yml end to end (tests/compose): builds the image, starts the stack, streams a completion
 # and checks traces and Prometheus; installs and starts Docker when the machine has none (needs root then).

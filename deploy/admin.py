@@ -4,9 +4,11 @@
     python -m deploy.admin pools --json                # the same, for scripts
     python -m deploy.admin set-weight canary 25        # send a quarter of new sessions' traffic... (relative)
     python -m deploy.admin set-weight canary 0         # roll back by hand
+    python -m deploy.admin schedulers                  # which scheduler leads, with what epoch
 
 The scheduler address comes from `--scheduler` or SWITCHYARD_SCHEDULER_ADDRESS (default
-127.0.0.1:50052); `--tls-cert/--tls-key/--tls-ca` (or SWITCHYARD_TLS_*) reach a scheduler that
+127.0.0.1:50052,127.0.0.1:50053, the leader and standby of `make up`); with several, the pool
+commands go to the one that leads; `--tls-cert/--tls-key/--tls-ca` (or SWITCHYARD_TLS_*) reach a scheduler that
 requires mutual TLS. Exit status: 0 on success, 1 when the scheduler refused or could not be reached.
 """
 
@@ -53,10 +55,41 @@ def format_pools(reply: pb.ListPoolsResponse) -> str:
     return "\n".join(lines)
 
 
+_ROLES = {pb.SCHEDULER_ROLE_LEADER: "leader", pb.SCHEDULER_ROLE_STANDBY: "standby"}
+
+
+def scheduler_roles(addresses: list[str], tls, timeout_s: float) -> list[dict]:
+    """Each scheduler's role, epoch and the leader it names; `error` instead when it does not answer."""
+    rows = []
+    for address in addresses:
+        with open_sync_channel(address, tls) as channel:
+            try:
+                stats = scheduler_pb2_grpc.SchedulerStub(channel).GetStats(pb.GetStatsRequest(), timeout=timeout_s)
+            except grpc.RpcError as e:
+                rows.append({"address": address, "error": f"{e.code().name}: {e.details()}"})
+                continue
+        rows.append({"address": address, "role": _ROLES.get(stats.role, "unknown"), "epoch": stats.scheduler_epoch,
+                     "leader": stats.leader, "num_workers": len(stats.workers),
+                     "num_live_requests": stats.num_live_requests})
+    return rows
+
+
+def format_roles(rows: list[dict]) -> str:
+    lines = [f"{'scheduler':<22} {'role':<8} {'epoch':>20} {'workers':>7} {'live':>5}  leader per its lease"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['address']:<22} {'-':<8} {'-':>20} {'-':>7} {'-':>5}  unreachable: {r['error']}")
+        else:
+            lines.append(f"{r['address']:<22} {r['role']:<8} {r['epoch'] or '-':>20} {r['num_workers']:>7} "
+                         f"{r['num_live_requests']:>5}  {r['leader'] or '-'}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.admin", description=__doc__.split("\n")[0])
-    parser.add_argument("--scheduler", default=env_str("SWITCHYARD_SCHEDULER_ADDRESS", "127.0.0.1:50052"),
-                        help="scheduler host:port [SWITCHYARD_SCHEDULER_ADDRESS]")
+    parser.add_argument("--scheduler",
+                        default=env_str("SWITCHYARD_SCHEDULER_ADDRESS", "127.0.0.1:50052,127.0.0.1:50053"),
+                        help="scheduler host:port, or several comma-separated [SWITCHYARD_SCHEDULER_ADDRESS]")
     parser.add_argument("--timeout-s", type=float, default=5.0)
     add_tls_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -65,9 +98,22 @@ def main(argv: list[str] | None = None) -> int:
     set_weight = commands.add_parser("set-weight", help="set one pool's traffic weight now")
     set_weight.add_argument("pool")
     set_weight.add_argument("weight", type=float)
+    roles = commands.add_parser("schedulers", help="each scheduler's role (leader/standby), epoch and leader")
+    roles.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-
-    with open_sync_channel(args.scheduler, tls_from_args(args)) as channel:
+    addresses = [a.strip() for a in args.scheduler.split(",") if a.strip()]
+    tls = tls_from_args(args)
+    if args.command == "schedulers":
+        rows = scheduler_roles(addresses, tls, args.timeout_s)
+        print(json.dumps(rows, indent=2) if args.json else format_roles(rows))
+        return 0 if any(r.get("role") == "leader" for r in rows) else 1
+    if len(addresses) > 1:  # the pools live in the leader
+        leading = [r["address"] for r in scheduler_roles(addresses, tls, args.timeout_s) if r.get("role") == "leader"]
+        if not leading:
+            print(f"error: no scheduler of {', '.join(addresses)} leads now", file=sys.stderr)
+            return 1
+        addresses = leading
+    with open_sync_channel(addresses[0], tls) as channel:
         admin = scheduler_pb2_grpc.SchedulerAdminStub(channel)
         try:
             if args.command == "set-weight":
