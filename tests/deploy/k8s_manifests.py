@@ -9,7 +9,7 @@
   object of a kind with no schema is an error, never a silent pass.
 - `tests/deploy/k8s_checks.py`: `semantic_problems(objects)` checks what schemas cannot: that the objects fit each other and
   the services (selectors, ports, probes, the scheduler's pools file, routes, GPUs, non-root, env
-  names the services read).
+  names the services read), with the object walking the checks share in `k8s_objects.py`.
 
 Every check returns a list of problems (strings naming the object and the field) rather than
 raising, so the tests can show them all at once and can assert that a broken manifest is caught.

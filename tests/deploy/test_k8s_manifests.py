@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from tests.deploy.k8s_checks import find, mutated, pod_spec, pools_file, semantic_problems
+from tests.deploy.k8s_checks import semantic_problems
 from tests.deploy.k8s_manifests import K8S_DIR, ROOT, RenderError, SchemaValidator, kubectl, kubectl_version, render
+from tests.deploy.k8s_objects import find, mutated, pod_spec, pools_file
 
 OVERLAYS = {"base": K8S_DIR / "base", "canary": K8S_DIR / "overlays" / "canary"}
 # The oldest Kubernetes these manifests claim (native gRPC probes are GA from 1.27; 1.30 is the
