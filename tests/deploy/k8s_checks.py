@@ -1,9 +1,9 @@
 """Semantic checks of rendered Kubernetes objects: what schemas cannot see (see k8s_manifests.py).
 
 That the objects fit each other and the services: selectors, ports, probes, the scheduler's pools
-file, routes, GPUs, non-root, env names the services read. Every check returns a list of problems
-naming the object and the field; the walking they share (finding objects, following references,
-copying them for negative tests) is in k8s_objects.py.
+file, routes, GPUs, non-root, env names the services read; the scheduler's leadership setup is
+checked in k8s_leader_checks.py. Every check returns a list of problems naming the object and the
+field; the walking they share (finding objects, following references) is in k8s_objects.py.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from tests.deploy.k8s_leader_checks import LEADER_CHECKS
 from tests.deploy.k8s_manifests import (
-    COMPONENT, GPU, HEALTH_SERVICES, LISTEN_HOSTS, MODULES, NAMESPACE, POOL, ROOT, ref,
+    COMPONENT, GPU, LISTEN_HOSTS, MODULES, NAMESPACE, POOL, ROOT, probe_service, ref,
 )
 from tests.deploy.k8s_objects import (
     all_containers, component, env_of, find, main_containers, of_kind, pod_labels, pod_spec, pools_file,
@@ -49,7 +50,8 @@ def check_service_selectors(objects: list[dict[str, Any]]) -> list[str]:
 
 def check_probes(objects: list[dict[str, Any]]) -> list[str]:
     """Readiness and liveness (and, for workers, startup) probes are native gRPC probes on a port
-    the container declares, asking for the component's health service name."""
+    the container declares, asking for the health service name each probe needs (k8s_manifests's
+    PROBE_SERVICES: the component's own, or "" where a scheduler on standby must pass too)."""
     problems = []
     for deployment in of_kind(objects, "Deployment"):
         kind = component(deployment)
@@ -68,9 +70,10 @@ def check_probes(objects: list[dict[str, Any]]) -> list[str]:
                     continue
                 if not port_matches(grpc.get("port"), container):
                     problems.append(f"{where}: {probe_name}.grpc.port {grpc.get('port')!r} is no container port")
-                if kind in HEALTH_SERVICES and grpc.get("service") != HEALTH_SERVICES[kind]:
-                    problems.append(f"{where}: {probe_name}.grpc.service {grpc.get('service')!r}; the {kind} "
-                                    f"serves health for {HEALTH_SERVICES[kind]!r}")
+                wanted_service = probe_service(kind, probe_name)
+                if wanted_service is not None and grpc.get("service", "") != wanted_service:
+                    problems.append(f"{where}: {probe_name}.grpc.service {grpc.get('service')!r}; the {kind}'s "
+                                    f"{probe_name} asks for {wanted_service!r}")
     return problems
 
 
@@ -453,7 +456,8 @@ def _check_drain(so: dict[str, Any], target: dict[str, Any]) -> list[str]:
 
 
 CHECKS = (check_namespace, check_service_selectors, check_probes, check_workers, check_pod_security,
-          check_containers, check_pools, check_routes, check_env_names, check_grace, check_autoscalers)
+          check_containers, check_pools, check_routes, check_env_names, check_grace, check_autoscalers,
+          *LEADER_CHECKS)
 
 
 def semantic_problems(objects: list[dict[str, Any]]) -> list[str]:

@@ -1,8 +1,9 @@
 """Walking rendered Kubernetes objects: finding them, following their references, copying them.
 
-No judgement here: the checks (k8s_checks.py) decide what is wrong; these helpers find pods,
-containers, env values and flags, the Service behind a DNS name, the pools JSON behind the
-scheduler's env, and make the deep copies that negative tests break.
+No judgement here: the checks (k8s_checks.py, k8s_leader_checks.py) decide what is wrong; these
+helpers find pods, containers, env values and flags, the Service behind a DNS name, the pools JSON
+behind the scheduler's env, the RBAC rules a ServiceAccount holds, and make the deep copies that
+negative tests break.
 """
 
 from __future__ import annotations
@@ -98,9 +99,7 @@ def pools_file(objects: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, li
     if len(schedulers) != 1:
         return None, [f"expected 1 scheduler Deployment, found {len(schedulers)}"]
     scheduler = schedulers[0]
-    problems = []
-    if scheduler["spec"].get("replicas", 1) != 1:
-        problems.append(f"{ref(scheduler)}: replicas must be 1 (the scheduler owns the workers' block tables)")
+    problems: list[str] = []
     container = main_containers(scheduler)[0]
     where = f"{ref(scheduler)}: containers[{container.get('name')}]"
     path = env_of(container).get("SWITCHYARD_POOLS_FILE")
@@ -124,6 +123,36 @@ def pools_file(objects: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, li
         return json.loads(data[key]), problems
     except ValueError as e:
         return None, problems + [f"{ref(config_map)}: {key} is not JSON: {e}"]
+
+
+def bound_rules(objects: list[dict[str, Any]], namespace: str, service_account: str) -> list[dict[str, Any]]:
+    """The rules granted to a ServiceAccount by the RoleBindings of its namespace (to Roles or
+    ClusterRoles among `objects`)."""
+    rules = []
+    for binding in of_kind(objects, "RoleBinding"):
+        if binding["metadata"].get("namespace") != namespace:
+            continue
+        if not any(s.get("kind") == "ServiceAccount" and s.get("name") == service_account
+                   and s.get("namespace", namespace) == namespace for s in binding.get("subjects") or []):
+            continue
+        role_ref = binding["roleRef"]
+        role = find(objects, role_ref["kind"], role_ref["name"])
+        if role is not None and (role_ref["kind"] == "ClusterRole" or role["metadata"].get("namespace") == namespace):
+            rules += role.get("rules") or []
+    return rules
+
+
+def allows(rules: list[dict[str, Any]], verb: str, group: str, resource: str, name: str | None = None) -> bool:
+    """Whether RBAC `rules` allow `verb` on `resource` of API `group` (on the object `name`, or on
+    any object when None, which a rule with resourceNames does not allow)."""
+    for rule in rules:
+        names = rule.get("resourceNames") or []
+        if (any(g in (group, "*") for g in rule.get("apiGroups") or [])
+                and any(r in (resource, "*") for r in rule.get("resources") or [])
+                and any(v in (verb, "*") for v in rule.get("verbs") or [])
+                and (not names or (name is not None and name in names))):
+            return True
+    return False
 
 
 def mutated(objects: list[dict[str, Any]], kind: str, name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -31,6 +31,8 @@ BASE_OBJECTS = {
     ("Namespace", "switchyard"),
     ("ConfigMap", "switchyard-pools"),
     ("Deployment", "switchyard-scheduler"), ("Service", "switchyard-scheduler"),
+    ("ServiceAccount", "switchyard-scheduler"), ("Role", "switchyard-scheduler-lease"),
+    ("RoleBinding", "switchyard-scheduler-lease"),
     ("Deployment", "switchyard-tokenizer"), ("Service", "switchyard-tokenizer"),
     ("Deployment", "switchyard-worker-stable"), ("Service", "switchyard-worker-stable"),
     ("ScaledObject", "switchyard-worker-stable"), ("ScaledObject", "switchyard-tokenizer"),
