@@ -14,9 +14,10 @@ under /var/run/secrets/kubernetes.io/serviceaccount. This module reads them beca
 to the pod, not to the scheduler's configuration.
 
 The object keeps what kubectl and other tools read (holderIdentity, leaseDurationSeconds,
-renewTime, acquireTime, leaseTransitions), and two annotations keep what `Lease` needs exactly:
-the epoch, and `renewed_s` as a float repr, since a standby decides expiry by seeing the record
-change and a MicroTime would round it. A Lease without the epoch annotation was made by something
+renewTime, acquireTime, leaseTransitions), and annotations keep what `Lease` needs exactly: the
+epoch, and `renewed_s` and `duration_s` as float reprs. A read must equal the write: a standby
+decides expiry by seeing the record change, and a claimer knows it won when the lease in force
+equals the one it decided, which whole seconds and a rounded MicroTime would both break. A Lease without the epoch annotation was made by something
 else; taking it over could fight another program's leader election, so it is refused.
 """
 
@@ -43,6 +44,7 @@ from shared.errors import InvalidArgument
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 EPOCH_ANNOTATION = "switchyard.dev/scheduler-epoch"
 RENEWED_ANNOTATION = "switchyard.dev/renewed-s"
+DURATION_ANNOTATION = "switchyard.dev/duration-s"
 API_PATH = "/apis/coordination.k8s.io/v1"
 TIMEOUT_S = 5.0
 FIELD = "leader_lease"
@@ -143,6 +145,8 @@ class KubernetesLeaseStore:
             duration = spec["leaseDurationSeconds"]
             if isinstance(duration, bool) or not isinstance(duration, int) or duration < 1:
                 raise ValueError(f"leaseDurationSeconds {duration!r} is not a positive integer")
+            if DURATION_ANNOTATION in annotations:
+                duration = float(annotations[DURATION_ANNOTATION])
             holder = spec.get("holderIdentity") or ""
             if not isinstance(holder, str):
                 raise ValueError(f"holderIdentity {holder!r} is not a string")
@@ -161,11 +165,12 @@ class KubernetesLeaseStore:
             "metadata": {"name": self.name, "namespace": self.namespace}}
         metadata = out.setdefault("metadata", {})
         metadata["annotations"] = {**(metadata.get("annotations") or {}),
-                                   EPOCH_ANNOTATION: str(new.epoch), RENEWED_ANNOTATION: repr(new.renewed_s)}
+                                   EPOCH_ANNOTATION: str(new.epoch), RENEWED_ANNOTATION: repr(new.renewed_s),
+                                   DURATION_ANNOTATION: repr(new.duration_s)}
         spec = out.get("spec") or {}
         out["spec"] = spec
         spec["holderIdentity"] = new.holder
-        # Whole seconds only; rounding up makes a standby wait longer, never cut in early.
+        # Whole seconds for other readers; rounding up makes them wait longer, never cut in early.
         spec["leaseDurationSeconds"] = max(1, math.ceil(new.duration_s))
         # The holder's wall clock, which is what the record carries; the store has no clock of its own.
         spec["renewTime"] = _micro_time(new.renewed_s)

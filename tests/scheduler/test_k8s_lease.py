@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from services.scheduler.k8s_lease import EPOCH_ANNOTATION, RENEWED_ANNOTATION, KubernetesLeaseStore
+from services.scheduler.k8s_lease import (
+    DURATION_ANNOTATION, EPOCH_ANNOTATION, RENEWED_ANNOTATION, KubernetesLeaseStore,
+)
 from services.scheduler.lease import (
     FileLeaseStore, Lease, LeaseStore, Observation, decide_claim, decide_release, decide_renewal, open_store,
 )
@@ -53,7 +55,8 @@ def test_the_first_claim_creates_the_lease(api: FakeApiServer) -> None:
     assert seen == [None]
     assert api.requests == [("GET", f"{LEASES}/{NAME}"), ("POST", LEASES)]
     obj = stored(api)
-    assert obj["metadata"]["annotations"] == {EPOCH_ANNOTATION: "42", RENEWED_ANNOTATION: repr(WALL_S)}
+    assert obj["metadata"]["annotations"] == {EPOCH_ANNOTATION: "42", RENEWED_ANNOTATION: repr(WALL_S),
+                                              DURATION_ANNOTATION: "10.0"}
     assert obj["spec"] == {"holderIdentity": "10.0.0.7:50052", "leaseDurationSeconds": 10,
                            "renewTime": "2026-12-06T22:30:00.123456Z", "acquireTime": "2026-12-06T22:30:00.123456Z",
                            "leaseTransitions": 0}
@@ -93,11 +96,22 @@ def test_times_and_epochs_round_trip_exactly(api: FakeApiServer, renewed_s: floa
     assert store_of(api).update(lambda current: None) == lease
 
 
-@pytest.mark.parametrize("duration_s, seconds", [(2.5, 3), (0.2, 1), (30.0, 30)])
-def test_durations_are_whole_seconds_rounded_up(api: FakeApiServer, duration_s: float, seconds: int) -> None:
-    written = store_of(api).update(put(Lease("a:1", 1, WALL_S, duration_s)))
+@pytest.mark.parametrize("duration_s, seconds", [(2.5, 3), (0.3, 1), (30.0, 30)])
+def test_durations_show_as_whole_seconds_rounded_up_and_read_back_exactly(api: FakeApiServer, duration_s: float,
+                                                                         seconds: int) -> None:
+    """kubectl and other readers see whole seconds (never shorter); the scheduler reads back the
+    exact duration, since it knows it won a claim by the lease in force equalling its own."""
+    lease = Lease("a:1", 1, WALL_S, duration_s)
+    assert store_of(api).update(put(lease)) == lease
     assert stored(api)["spec"]["leaseDurationSeconds"] == seconds
-    assert written == Lease("a:1", 1, WALL_S, float(seconds))
+    assert store_of(api).update(lambda current: None) == lease
+
+
+def test_without_the_duration_annotation_the_whole_seconds_count(api: FakeApiServer) -> None:
+    api.put_object({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": NAME, "annotations": {EPOCH_ANNOTATION: "5", RENEWED_ANNOTATION: "1.5"}},
+                    "spec": {"holderIdentity": "a:1", "leaseDurationSeconds": 4}})
+    assert store_of(api).update(lambda current: None) == Lease("a:1", 5, 1.5, 4.0)
 
 
 def test_handovers_count_as_transitions_and_set_the_acquire_time(api: FakeApiServer) -> None:
@@ -329,37 +343,56 @@ def test_outside_a_pod_open_store_says_what_is_missing(tmp_path: Path, monkeypat
 # ---- the same decisions as the file store ---------------------------------------------------------
 
 
-def failover(store: LeaseStore) -> list[Lease | None]:
+def failover(store: LeaseStore, duration_s: float) -> tuple[list[Lease | None], list[bool]]:
     """Two schedulers through one store, on their own monotonic clocks: A claims, B waits; A stops
     renewing and B takes over after a full duration unchanged; A's late renewal fails; B releases
-    on shutdown and A claims at once. Returns what each step saw."""
+    on shutdown and A claims at once. Times are in tenths of the duration. Returns what each step
+    saw, and for each claim whether the claimer won it the way services/scheduler/leadership.py
+    tells: the lease in force equals the one it decided."""
     a, b = Observation(), Observation()
     seen: list[Lease | None] = []
-    wall = WALL_S
+    won: list[bool] = []
+    t = duration_s / 10
 
     def step(decide: Callable[[Lease | None], Lease | None]) -> Lease | None:
         seen.append(store.update(decide))
         return seen[-1]
 
-    a_lease = step(lambda c: decide_claim(c, a, "a:50052", 100.0, 10.0, wall))
-    step(lambda c: decide_claim(c, b, "b:50052", 500.0, 10.0, wall + 0.5))  # B's clock differs: fine
-    a_lease = step(lambda c: decide_renewal(c, a_lease, wall + 3))
-    step(lambda c: decide_claim(c, b, "b:50052", 504.0, 10.0, wall + 4))  # a change: B waits anew
-    step(lambda c: decide_claim(c, b, "b:50052", 513.9, 10.0, wall + 13.9))
-    b_lease = step(lambda c: decide_claim(c, b, "b:50052", 514.0, 10.0, wall + 14))
-    step(lambda c: decide_renewal(c, a_lease, wall + 15))  # A was paused: the renewal fails
+    def claim(observation: Observation, me: str, now_s: float, wall_s: float) -> Lease | None:
+        decided: list[Lease] = []
+
+        def decide(current: Lease | None) -> Lease | None:
+            lease = decide_claim(current, observation, me, now_s, duration_s, wall_s)
+            if lease is not None:
+                decided.append(lease)
+            return lease
+
+        lease = step(decide)
+        won.append(bool(decided) and lease == decided[-1])
+        return lease
+
+    a_lease = claim(a, "a:50052", 100.0, WALL_S)
+    claim(b, "b:50052", 500.0, WALL_S + 0.5 * t)  # B's monotonic clock differs from A's: no matter
+    a_lease = step(lambda c: decide_renewal(c, a_lease, WALL_S + 3 * t))
+    claim(b, "b:50052", 500.0 + 4 * t, WALL_S + 4 * t)  # a change seen: B waits anew
+    claim(b, "b:50052", 500.0 + 13.9 * t, WALL_S + 13.9 * t)
+    b_lease = claim(b, "b:50052", 500.0 + 14 * t, WALL_S + 14 * t)
+    step(lambda c: decide_renewal(c, a_lease, WALL_S + 15 * t))  # A was paused: the renewal fails
     step(lambda c: decide_release(c, b_lease))
-    step(lambda c: decide_claim(c, a, "a:50052", 116.0, 10.0, wall + 16))
-    return seen
+    claim(a, "a:50052", 100.0 + 16 * t, WALL_S + 16 * t)
+    return seen, won
 
 
-def test_failover_runs_the_same_through_kubernetes_as_through_a_file(api: FakeApiServer, tmp_path: Path) -> None:
-    through_file = failover(FileLeaseStore(tmp_path / "lease.json"))
-    through_k8s = failover(store_of(api))
+@pytest.mark.parametrize("duration_s", [10.0, 2.5, 0.3])
+def test_failover_runs_the_same_through_kubernetes_as_through_a_file(api: FakeApiServer, tmp_path: Path,
+                                                                     duration_s: float) -> None:
+    through_file = failover(FileLeaseStore(tmp_path / "lease.json"), duration_s)
+    through_k8s = failover(store_of(api), duration_s)
     assert through_k8s == through_file
-    holders = [lease.holder if lease else None for lease in through_k8s]
-    assert holders == ["a:50052", "a:50052", "a:50052", "a:50052", "a:50052", "b:50052", "b:50052", "",
-                       "a:50052"]
-    epochs = [lease.epoch for lease in through_k8s if lease]
+    seen, won = through_k8s
+    assert [lease.holder if lease else None for lease in seen] == [
+        "a:50052", "a:50052", "a:50052", "a:50052", "a:50052", "b:50052", "b:50052", "", "a:50052"]
+    assert won == [True, False, False, False, True, True]
+    epochs = [lease.epoch for lease in seen if lease]
     assert epochs == sorted(epochs) and len(set(epochs)) == 3
     assert stored(api)["spec"]["leaseTransitions"] == 2
