@@ -23,31 +23,9 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Protocol
 
+from services.scheduler.lease_record import Decide, Lease, LeaseStore
 from shared.errors import InvalidArgument
-
-
-@dataclass(frozen=True)
-class Lease:
-    holder: str  # the holder's advertised address; "" once released
-    epoch: int  # raised at each change of holder; never lowered
-    renewed_s: float  # the holder's wall clock at its last renewal (a change marker, not compared across hosts)
-    duration_s: float  # how long others wait, from seeing the last change, before taking it over
-
-    @property
-    def released(self) -> bool:
-        return self.holder == ""
-
-
-Decide = Callable[[Lease | None], Lease | None]
-
-
-class LeaseStore(Protocol):
-    def update(self, decide: Decide) -> Lease | None:
-        """Atomically reads the lease and, when `decide(it)` is not None, writes that instead;
-        returns the lease in force afterwards (None: there has never been one). Raises OSError when
-        the store cannot be reached."""
 
 
 @dataclass

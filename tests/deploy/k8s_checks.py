@@ -1,71 +1,24 @@
 """Semantic checks of rendered Kubernetes objects: what schemas cannot see (see k8s_manifests.py).
 
 That the objects fit each other and the services: selectors, ports, probes, the scheduler's pools
-file, routes, GPUs, non-root, env names the services read. Every check returns a list of problems
-naming the object and the field; `mutated` copies the objects for a negative test to break one.
+file, routes, GPUs, non-root, env names the services read; the scheduler's leadership setup is
+checked in k8s_leader_checks.py. Every check returns a list of problems naming the object and the
+field; the walking they share (finding objects, following references) is in k8s_objects.py.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import re
-from collections.abc import Iterable, Iterator
 from typing import Any
 
+from tests.deploy.k8s_leader_checks import LEADER_CHECKS
 from tests.deploy.k8s_manifests import (
-    COMPONENT, GPU, HEALTH_SERVICES, LISTEN_HOSTS, MODULES, NAMESPACE, POOL, ROOT, ref,
+    COMPONENT, GPU, LISTEN_HOSTS, MODULES, NAMESPACE, POOL, ROOT, probe_service, ref,
 )
-
-def of_kind(objects: Iterable[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [o for o in objects if o.get("kind") == kind]
-
-
-def find(objects: Iterable[dict[str, Any]], kind: str, name: str) -> dict[str, Any] | None:
-    for obj in objects:
-        if obj.get("kind") == kind and obj["metadata"].get("name") == name:
-            return obj
-    return None
-
-
-def pod_spec(deployment: dict[str, Any]) -> dict[str, Any]:
-    return deployment["spec"]["template"]["spec"]
-
-
-def pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
-    return deployment["spec"]["template"]["metadata"].get("labels") or {}
-
-
-def component(deployment: dict[str, Any]) -> str:
-    return pod_labels(deployment).get(COMPONENT, "")
-
-
-def main_containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:
-    return pod_spec(deployment).get("containers") or []
-
-
-def all_containers(deployment: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    spec = pod_spec(deployment)
-    for field in ("initContainers", "containers"):
-        for container in spec.get(field) or []:
-            yield f"{ref(deployment)}: {field}[{container.get('name')}]", container
-
-
-def env_of(container: dict[str, Any]) -> dict[str, str | None]:
-    """Literal env values by name (None for valueFrom entries)."""
-    return {e["name"]: e.get("value") for e in container.get("env") or []}
-
-
-def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
-    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
-
-
-def port_matches(port: int | str, container: dict[str, Any]) -> bool:
-    """A probe's or Service targetPort's `port`, by number or name, is declared by the container."""
-    for declared in container.get("ports") or []:
-        if port == declared.get("containerPort") or port == declared.get("name"):
-            return True
-    return False
+from tests.deploy.k8s_objects import (
+    all_containers, component, env_of, find, main_containers, of_kind, pod_labels, pod_spec, pools_file,
+    port_matches, selects, service_for_host, setting,
+)
 
 
 def check_service_selectors(objects: list[dict[str, Any]]) -> list[str]:
@@ -97,7 +50,8 @@ def check_service_selectors(objects: list[dict[str, Any]]) -> list[str]:
 
 def check_probes(objects: list[dict[str, Any]]) -> list[str]:
     """Readiness and liveness (and, for workers, startup) probes are native gRPC probes on a port
-    the container declares, asking for the component's health service name."""
+    the container declares, asking for the health service name each probe needs (k8s_manifests's
+    PROBE_SERVICES: the component's own, or "" where a scheduler on standby must pass too)."""
     problems = []
     for deployment in of_kind(objects, "Deployment"):
         kind = component(deployment)
@@ -116,9 +70,10 @@ def check_probes(objects: list[dict[str, Any]]) -> list[str]:
                     continue
                 if not port_matches(grpc.get("port"), container):
                     problems.append(f"{where}: {probe_name}.grpc.port {grpc.get('port')!r} is no container port")
-                if kind in HEALTH_SERVICES and grpc.get("service") != HEALTH_SERVICES[kind]:
-                    problems.append(f"{where}: {probe_name}.grpc.service {grpc.get('service')!r}; the {kind} "
-                                    f"serves health for {HEALTH_SERVICES[kind]!r}")
+                wanted_service = probe_service(kind, probe_name)
+                if wanted_service is not None and grpc.get("service", "") != wanted_service:
+                    problems.append(f"{where}: {probe_name}.grpc.service {grpc.get('service')!r}; the {kind}'s "
+                                    f"{probe_name} asks for {wanted_service!r}")
     return problems
 
 
@@ -138,10 +93,7 @@ def check_workers(objects: list[dict[str, Any]]) -> list[str]:
             gpus = str(limits.get(GPU, 0))
             if not gpus.isdigit() or int(gpus) < 1:
                 problems.append(f"{where}: resources.limits[{GPU}] must be >= 1, got {limits.get(GPU)!r}")
-            argv = list(container.get("command") or []) + list(container.get("args") or [])
-            device = env_of(container).get("SWITCHYARD_DEVICE")
-            if "--device" in argv:
-                device = argv[argv.index("--device") + 1] if argv.index("--device") + 1 < len(argv) else None
+            device = setting(container, "--device", "SWITCHYARD_DEVICE")
             if device != "cuda":
                 problems.append(f"{where}: runs on device {device!r}, expected 'cuda' (--device cuda)")
     for service in of_kind(objects, "Service"):
@@ -214,25 +166,11 @@ def check_containers(objects: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
-def _service_for_host(objects: list[dict[str, Any]], host: str, namespace: str) -> tuple[dict[str, Any] | None, str]:
-    """The Service a cluster DNS name points at: NAME, NAME.NS, NAME.NS.svc, NAME.NS.svc.cluster.local."""
-    parts = host.split(".")
-    name = parts[0]
-    if len(parts) > 1 and parts[1] != namespace:
-        return None, f"{host!r} is in namespace {parts[1]!r}, not {namespace!r}"
-    if len(parts) > 2 and ".".join(parts[2:]) not in ("svc", "svc.cluster.local"):
-        return None, f"{host!r} is not a Service DNS name (NAME.NAMESPACE.svc.cluster.local)"
-    service = find(objects, "Service", name)
-    if service is None:
-        return None, f"{host!r} names Service {name!r}, which does not exist"
-    return service, ""
-
-
 def _check_scheduler_address(objects: list[dict[str, Any]], where: str, address: str | None) -> list[str]:
     if not address:
         return [f"{where}: env SWITCHYARD_SCHEDULER_ADDRESS missing"]
     host, _, port = address.rpartition(":")
-    service, why = _service_for_host(objects, host, NAMESPACE)
+    service, why = service_for_host(objects, host, NAMESPACE)
     if service is None:
         return [f"{where}: SWITCHYARD_SCHEDULER_ADDRESS: {why}"]
     if (service["spec"].get("selector") or {}).get(COMPONENT) != "scheduler":
@@ -240,41 +178,6 @@ def _check_scheduler_address(objects: list[dict[str, Any]], where: str, address:
     if not any(str(p["port"]) == port for p in service["spec"].get("ports") or []):
         return [f"{where}: SWITCHYARD_SCHEDULER_ADDRESS port {port} is not a port of {ref(service)}"]
     return []
-
-
-def pools_file(objects: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, list[str]]:
-    """The scheduler's pools JSON, followed from SWITCHYARD_POOLS_FILE through its volume mount to
-    the ConfigMap key; (parsed JSON, problems)."""
-    schedulers = [d for d in of_kind(objects, "Deployment") if component(d) == "scheduler"]
-    if len(schedulers) != 1:
-        return None, [f"expected 1 scheduler Deployment, found {len(schedulers)}"]
-    scheduler = schedulers[0]
-    problems = []
-    if scheduler["spec"].get("replicas", 1) != 1:
-        problems.append(f"{ref(scheduler)}: replicas must be 1 (the scheduler owns the workers' block tables)")
-    container = main_containers(scheduler)[0]
-    where = f"{ref(scheduler)}: containers[{container.get('name')}]"
-    path = env_of(container).get("SWITCHYARD_POOLS_FILE")
-    if not path:
-        return None, problems + [f"{where}: env SWITCHYARD_POOLS_FILE missing"]
-    mounts = [m for m in container.get("volumeMounts") or [] if path.startswith(m["mountPath"].rstrip("/") + "/")]
-    if not mounts:
-        return None, problems + [f"{where}: SWITCHYARD_POOLS_FILE {path} is under no volumeMount"]
-    mount = max(mounts, key=lambda m: len(m["mountPath"]))
-    key = path[len(mount["mountPath"].rstrip("/")) + 1:]
-    volume = next((v for v in pod_spec(scheduler).get("volumes") or [] if v["name"] == mount["name"]), None)
-    if volume is None or "configMap" not in volume:
-        return None, problems + [f"{where}: volume {mount['name']!r} is not a ConfigMap volume"]
-    config_map = find(objects, "ConfigMap", volume["configMap"]["name"])
-    if config_map is None:
-        return None, problems + [f"{where}: ConfigMap {volume['configMap']['name']!r} does not exist"]
-    data = config_map.get("data") or {}
-    if key not in data:
-        return None, problems + [f"{ref(config_map)}: no key {key!r} (SWITCHYARD_POOLS_FILE {path})"]
-    try:
-        return json.loads(data[key]), problems
-    except ValueError as e:
-        return None, problems + [f"{ref(config_map)}: {key} is not JSON: {e}"]
 
 
 def check_pools(objects: list[dict[str, Any]]) -> list[str]:
@@ -308,7 +211,7 @@ def check_pools(objects: list[dict[str, Any]]) -> list[str]:
             problems.append(f"{where}: dns must be \"host:port\", got {dns!r}")
             continue
         host, _, port = dns.rpartition(":")
-        service, why = _service_for_host(objects, host, NAMESPACE)
+        service, why = service_for_host(objects, host, NAMESPACE)
         if service is None:
             problems.append(f"{where}: dns {why}")
             continue
@@ -553,17 +456,9 @@ def _check_drain(so: dict[str, Any], target: dict[str, Any]) -> list[str]:
 
 
 CHECKS = (check_namespace, check_service_selectors, check_probes, check_workers, check_pod_security,
-          check_containers, check_pools, check_routes, check_env_names, check_grace, check_autoscalers)
+          check_containers, check_pools, check_routes, check_env_names, check_grace, check_autoscalers,
+          *LEADER_CHECKS)
 
 
 def semantic_problems(objects: list[dict[str, Any]]) -> list[str]:
     return [problem for check in CHECKS for problem in check(objects)]
-
-
-def mutated(objects: list[dict[str, Any]], kind: str, name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """A deep copy of `objects` and the copy of one object in it, to break in a negative test."""
-    copies = copy.deepcopy(objects)
-    target = find(copies, kind, name)
-    if target is None:
-        raise KeyError(f"{kind}/{name} not rendered")
-    return copies, target

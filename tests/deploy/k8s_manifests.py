@@ -9,7 +9,8 @@
   object of a kind with no schema is an error, never a silent pass.
 - `tests/deploy/k8s_checks.py`: `semantic_problems(objects)` checks what schemas cannot: that the objects fit each other and
   the services (selectors, ports, probes, the scheduler's pools file, routes, GPUs, non-root, env
-  names the services read).
+  names the services read), with the scheduler's leadership (replicas, lease, RBAC) in
+  `k8s_leader_checks.py` and the object walking they share in `k8s_objects.py`.
 
 Every check returns a list of problems (strings naming the object and the field) rather than
 raising, so the tests can show them all at once and can assert that a broken manifest is caught.
@@ -52,6 +53,21 @@ HEALTH_SERVICES = {
     "scheduler": "switchyard.scheduler.v1.Scheduler",
     "tokenizer": "switchyard.api.v1.Generation",
 }
+# Where a probe must ask for another name than the component's own. A scheduler on standby reports
+# its Scheduler service NOT_SERVING (so readiness keeps it out of the Service until it leads) and
+# the overall health "" SERVING (so startup and liveness let it live).
+PROBE_SERVICES = {
+    "scheduler": {"startupProbe": "", "livenessProbe": ""},
+}
+
+
+def probe_service(component: str, probe: str) -> str | None:
+    """The health service name a component's probe must ask for (None: a component we do not know)."""
+    if component not in HEALTH_SERVICES:
+        return None
+    return PROBE_SERVICES.get(component, {}).get(probe, HEALTH_SERVICES[component])
+
+
 # Which env var makes each component listen beyond loopback (every one must be 0.0.0.0 in a pod).
 LISTEN_HOSTS = {
     "worker": ("SWITCHYARD_WORKER_HOST",),

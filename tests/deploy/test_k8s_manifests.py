@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from tests.deploy.k8s_checks import find, mutated, pod_spec, pools_file, semantic_problems
+from tests.deploy.k8s_checks import semantic_problems
 from tests.deploy.k8s_manifests import K8S_DIR, ROOT, RenderError, SchemaValidator, kubectl, kubectl_version, render
+from tests.deploy.k8s_objects import find, mutated, pod_spec, pools_file
 
 OVERLAYS = {"base": K8S_DIR / "base", "canary": K8S_DIR / "overlays" / "canary"}
 # The oldest Kubernetes these manifests claim (native gRPC probes are GA from 1.27; 1.30 is the
@@ -30,6 +31,8 @@ BASE_OBJECTS = {
     ("Namespace", "switchyard"),
     ("ConfigMap", "switchyard-pools"),
     ("Deployment", "switchyard-scheduler"), ("Service", "switchyard-scheduler"),
+    ("ServiceAccount", "switchyard-scheduler"), ("Role", "switchyard-scheduler-lease"),
+    ("RoleBinding", "switchyard-scheduler-lease"),
     ("Deployment", "switchyard-tokenizer"), ("Service", "switchyard-tokenizer"),
     ("Deployment", "switchyard-worker-stable"), ("Service", "switchyard-worker-stable"),
     ("ScaledObject", "switchyard-worker-stable"), ("ScaledObject", "switchyard-tokenizer"),
