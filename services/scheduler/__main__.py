@@ -24,7 +24,8 @@ logger = logging.getLogger("switchyard.scheduler")
 
 async def run(config: SchedulerConfig) -> None:
     telemetry = setup_telemetry("switchyard-scheduler")
-    store = open_store(config.leader_lease) if config.leader_lease else None
+    # Three calls of an update within a third of the lease: a hung API server costs a renewal, not the lease.
+    store = open_store(config.leader_lease, config.lease_duration_s / 9) if config.leader_lease else None
 
     def make_fleet(epoch: int) -> Fleet:
         return Fleet(replace(config.fleet, scheduler_epoch=epoch) if epoch else config.fleet)

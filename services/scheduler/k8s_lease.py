@@ -86,7 +86,7 @@ class KubernetesLeaseStore:
 
     @classmethod
     def from_spec(cls, rest: str, *, environ: Mapping[str, str] | None = None,
-                  account_dir: str | Path = SERVICE_ACCOUNT_DIR) -> KubernetesLeaseStore:
+                  account_dir: str | Path = SERVICE_ACCOUNT_DIR, timeout_s: float = TIMEOUT_S) -> KubernetesLeaseStore:
         """`[<namespace>/]<name>` with the pod's own API server, token, CA and (by default) namespace."""
         environ = os.environ if environ is None else environ
         account = Path(account_dir)
@@ -107,7 +107,7 @@ class KubernetesLeaseStore:
             raise InvalidArgument(f"k8s:{rest}: cannot load {account / 'ca.crt'}: {e}", field=FIELD) from None
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 API server address
         return cls(namespace, name, base_url=f"https://{netloc}", token_file=account / "token",
-                   ssl_context=context)
+                   ssl_context=context, timeout_s=timeout_s)
 
     def update(self, decide: Decide) -> Lease | None:
         status, obj = self._call("GET", self.url, None, passes=(404,))

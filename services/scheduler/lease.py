@@ -108,14 +108,15 @@ def _parse(text: str, path: Path) -> Lease | None:
         raise InvalidArgument(f"{path} is not a Switchyard lease file: {e}", field="leader_lease") from None
 
 
-def open_store(spec: str) -> LeaseStore:
-    """`file:<path>` or `k8s:[<namespace>/]<name>` (the flag `--leader-lease`)."""
+def open_store(spec: str, request_timeout_s: float = 5.0) -> LeaseStore:
+    """`file:<path>` or `k8s:[<namespace>/]<name>` (the flag `--leader-lease`). `request_timeout_s`
+    bounds each API call of the Kubernetes store (an update makes up to three)."""
     kind, _, rest = spec.partition(":")
     if kind == "file" and rest:
         return FileLeaseStore(rest)
     if kind == "k8s" and rest:
         from services.scheduler.k8s_lease import KubernetesLeaseStore  # noqa: PLC0415 - only in a cluster
 
-        return KubernetesLeaseStore.from_spec(rest)
+        return KubernetesLeaseStore.from_spec(rest, timeout_s=request_timeout_s)
     raise InvalidArgument(f"expected 'file:<path>' or 'k8s:[<namespace>/]<name>', got {spec!r}",
                           field="leader_lease")

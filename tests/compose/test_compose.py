@@ -46,7 +46,8 @@ from tests.compose.harness import (
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]
 
-SERVICES = ("model", "worker-stable", "worker-canary", "scheduler", "tokenizer", "otel-collector", "prometheus")
+SERVICES = ("model", "worker-stable", "worker-canary", "scheduler", "scheduler-standby", "tokenizer", "otel-collector",
+            "prometheus")
 SCRAPE_TARGETS = {"tokenizer:9101", "scheduler:9102", "worker-stable:9111", "worker-canary:9111"}
 SPAN_NAMES = {"tokenizer.generate", "scheduler.request", "worker.step"}
 SERVICE_NAMES = {"switchyard-tokenizer", "switchyard-scheduler", "switchyard-worker"}

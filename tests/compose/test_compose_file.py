@@ -20,8 +20,10 @@ COMPOSE = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
 OFFLINE = yaml.safe_load((REPO_ROOT / "deploy" / "compose" / "offline.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 DOCKERFILE = (REPO_ROOT / "Dockerfile").read_text()
-SWITCHYARD = {"worker-stable": "worker", "worker-canary": "worker", "scheduler": "scheduler", "tokenizer": "tokenizer"}
-CI_SERVICES = ("model", "worker-stable", "worker-canary", "scheduler", "tokenizer", "otel-collector", "prometheus")
+SWITCHYARD = {"worker-stable": "worker", "worker-canary": "worker", "scheduler": "scheduler",
+              "scheduler-standby": "scheduler", "tokenizer": "tokenizer"}
+CI_SERVICES = ("model", "worker-stable", "worker-canary", "scheduler", "scheduler-standby", "tokenizer",
+               "otel-collector", "prometheus")
 NO_HEALTHCHECK = {"otel-collector": "the official image has no shell or client to run a check"}
 GRPC_PORTS = {"worker": 50061, "scheduler": 50052, "tokenizer": 50051}
 
@@ -55,7 +57,10 @@ def test_every_service_has_a_healthcheck_or_a_reason(name: str) -> None:
 def test_switchyard_healthchecks_ask_the_grpc_health_service(name: str) -> None:
     kind = SWITCHYARD[name]
     test = SERVICES[name]["healthcheck"]["test"]
-    assert test == ["CMD", "python", "-m", "deploy.healthcheck", f"127.0.0.1:{GRPC_PORTS[kind]}", HEALTH_NAMES[kind]]
+    # A scheduler container is healthy as leader or standby: the overall health ("") says so; the
+    # Scheduler's own name is NOT_SERVING on the standby.
+    health_name = "" if kind == "scheduler" else HEALTH_NAMES[kind]
+    assert test == ["CMD", "python", "-m", "deploy.healthcheck", f"127.0.0.1:{GRPC_PORTS[kind]}", health_name]
     env = SERVICES[name]["environment"]
     assert env["SWITCHYARD_SERVICE"] == kind
     port_var = {"worker": "SWITCHYARD_WORKER_PORT", "scheduler": "SWITCHYARD_SCHEDULER_PORT",
@@ -103,7 +108,17 @@ def test_published_ports_bind_loopback_only(name: str) -> None:
 def test_front_door_publishes_grpc_and_http() -> None:
     targets = {int(p.rsplit(":", 1)[1]) for p in SERVICES["tokenizer"]["ports"]}
     assert targets == {50051, 8000}
-    assert SERVICES["tokenizer"]["environment"]["SWITCHYARD_SCHEDULER_ADDRESS"] == "scheduler:50052"
+    assert SERVICES["tokenizer"]["environment"]["SWITCHYARD_SCHEDULER_ADDRESS"] == (
+        "scheduler:50052,scheduler-standby:50052")
+
+
+def test_two_schedulers_share_one_lease_and_name_themselves() -> None:
+    leases = {SERVICES[n]["environment"]["SWITCHYARD_LEADER_LEASE"] for n in ("scheduler", "scheduler-standby")}
+    assert leases == {"file:/var/lib/switchyard/scheduler.lease"}
+    for name in ("scheduler", "scheduler-standby"):
+        assert "scheduler-lease:/var/lib/switchyard" in SERVICES[name]["volumes"], name
+        assert SERVICES[name]["environment"]["SWITCHYARD_ADVERTISE_ADDRESS"] == f"{name}:50052"
+    assert "scheduler-lease" in COMPOSE["volumes"]
 
 
 def test_pools_file_names_compose_workers_with_their_versions() -> None:
