@@ -100,6 +100,7 @@ class Delivery:
     error: SwitchyardError | None = None  # set on a last event that ends the request with an error
     pool: str = ""  # the pool computing the request; "" for a request never placed
     model_version: str = ""  # that pool's model version label
+    resubmit: bool = False  # refused only because this scheduler is stepping down: try another
 
 
 @dataclass(frozen=True)

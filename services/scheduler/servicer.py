@@ -112,7 +112,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     session.abort(request_id)
                 for sub, traceparent in wire.submissions_from_pb(msg):
                     if self._draining:
-                        session.refuse(sub, Unavailable("scheduler is draining"))
+                        # With a standby about to lead, the front door takes the request there.
+                        session.refuse(sub, Unavailable("scheduler is draining"), resubmit=self._leadership.leased)
                     else:
                         session.submit(sub, traceparent)  # an admission error ends that request only
         finally:

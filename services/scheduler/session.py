@@ -79,9 +79,11 @@ class FrontDoorSession:
             return
         self._live[sub.request_id] = (live, span)
 
-    def refuse(self, sub: Submission, error: SwitchyardError) -> None:
-        """Answers a submission with an error without admitting it (the scheduler is draining)."""
-        self._send(Delivery(RequestEvent(sub.request_id, (), (), FinishReason.ABORT), 0, 0, 0, error))
+    def refuse(self, sub: Submission, error: SwitchyardError, *, resubmit: bool = False) -> None:
+        """Answers a submission with an error without admitting it (the scheduler is draining);
+        `resubmit`: the front door may send it to another scheduler at once."""
+        self._send(Delivery(RequestEvent(sub.request_id, (), (), FinishReason.ABORT), 0, 0, 0, error,
+                            resubmit=resubmit))
 
     def abort(self, request_id: str) -> None:
         """The front door stopped the request (a cancel, a stop string): nothing more is sent for it."""

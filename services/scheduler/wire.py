@@ -69,6 +69,7 @@ def outgoing_to_pb(outgoing: Outgoing) -> pb.ConnectResponse:
             msg.error_field = d.error.field or ""
             if isinstance(d.error, ResourceExhausted):
                 msg.retry_after_s = d.error.retry_after_s
+            msg.resubmit = d.resubmit
         events.append(msg)
     response = pb.ConnectResponse(events=events)
     if outgoing.routable is not None:  # an empty set is still set: every pool at weight 0

@@ -99,6 +99,7 @@ class _Connection:
         self._aborts: list[str] = []
         self._up_ready = asyncio.Event()
         self.broken: SwitchyardError | None = None
+        self.draining = False  # its scheduler refuses new requests (stepping down); running ones go on
         self._tasks = [asyncio.create_task(self._write(), name="scheduler connect writer"),
                        asyncio.create_task(self._read(), name="scheduler connect reader")]
 
@@ -148,13 +149,15 @@ class _Connection:
                 routable = wire.routable_from_pb(msg)
                 if routable is not None:  # before this message's events: they may be of a pool now gone
                     self._on_routable(routable)
-                for request_id, event, error in wire.scheduler_events_from_pb(msg):
+                for request_id, event, error, resubmit in wire.scheduler_events_from_pb(msg):
                     inbox = self._inboxes.get(request_id)
                     if inbox is None:
                         continue  # aborted here while its events were on the way
                     if error is not None:
                         del self._inboxes[request_id]
-                        inbox.fail(error)
+                        if resubmit:  # this scheduler is stepping down: new requests go elsewhere
+                            self.draining = True
+                        inbox.fail(error, lost=resubmit)
                         continue
                     inbox.put(event, loop)
             error: SwitchyardError = Unavailable("the scheduler closed its stream")
@@ -216,7 +219,7 @@ class SchedulerClient:
         self._connection: _Connection | None = None
 
     def _connected(self) -> _Connection:
-        if self._connection is None or self._connection.broken is not None:
+        if self._connection is None or self._connection.broken is not None or self._connection.draining:
             if self._connection is not None and len(self._stubs) > 1:
                 # The one we had is gone or stands by: the next one may lead now.
                 self._current = (self._current + 1) % len(self._stubs)

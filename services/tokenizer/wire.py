@@ -121,10 +121,11 @@ def _serving_pool(name: str, version: str) -> ServingPool | None:
 
 
 def scheduler_events_from_pb(msg: sched_pb.ConnectResponse,
-                             ) -> list[tuple[str, SchedulerEvent | None, SwitchyardError | None]]:
-    """Each event of a Connect message: its request id, and either the event or the request's error."""
-    return [(e.request_id, None, scheduler_error_from_pb(e)) if e.error_code
-            else (e.request_id, scheduler_event_from_pb(e), None) for e in msg.events]
+                             ) -> list[tuple[str, SchedulerEvent | None, SwitchyardError | None, bool]]:
+    """Each event of a Connect message: its request id, either the event or the request's error, and
+    whether the request may go to another scheduler at once (refused by one stepping down)."""
+    return [(e.request_id, None, scheduler_error_from_pb(e), e.resubmit) if e.error_code
+            else (e.request_id, scheduler_event_from_pb(e), None, False) for e in msg.events]
 
 
 def scheduler_error_from_pb(msg: sched_pb.TokenEvent) -> SwitchyardError:

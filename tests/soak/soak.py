@@ -33,7 +33,7 @@ from switchyard.api.v1 import generation_pb2_grpc
 from switchyard.scheduler.v1 import scheduler_pb2 as sched_pb
 from switchyard.scheduler.v1 import scheduler_pb2_grpc
 
-from deploy.stack import StackConfig, load_stack, restart_process, start_stack, stop_stack
+from deploy.stack import StackConfig, is_alive, load_stack, restart_process, start_stack, stop_stack
 from shared.cpu_features import cpu_features
 
 MAX_GROWTH = 0.05
@@ -163,6 +163,8 @@ async def soak(config: StackConfig, minutes: float, *, load: float = 0.7, abort_
                     victim = workers[len(restarts) % len(workers)]
                     pid = next(p.pid for p in load_stack(config.run_dir).processes if p.name == victim)
                     os.kill(pid, signal.SIGKILL)
+                    while is_alive(pid):  # the kernel takes a moment; the stack reaps its child
+                        await asyncio.sleep(0.02)
                     await asyncio.to_thread(restart_process, config, victim)
                     restarts.append((now, victim))
                     print(f"{now:.0f} s: worker {victim} killed and restarted", flush=True)
