@@ -156,8 +156,13 @@ class Leadership:
                 self._mine = lease
         finally:
             starting.cancel()
-            await asyncio.gather(starting, return_exceptions=True)
-            await self._withdraw(fleet)
+            # Once begun, standing down runs to its end even if stop() cancels us meanwhile: cut
+            # short, the fleet's worker loops would go on and later listeners would never hear of it.
+            await _to_the_end(self._stand_down(starting, fleet))
+
+    async def _stand_down(self, starting: asyncio.Task[None], fleet: Fleet) -> None:
+        await asyncio.gather(starting, return_exceptions=True)
+        await self._withdraw(fleet)
 
     async def _publish_after_start(self, fleet: Fleet, lease: Lease) -> None:
         self._mine, self.role = lease, Role.LEADER
@@ -186,3 +191,13 @@ class Leadership:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def _to_the_end(step: Awaitable[None]) -> None:
+    """Awaits `step` to its end even if the caller is cancelled meanwhile; then re-raises that."""
+    task = asyncio.ensure_future(step)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})
+        raise
