@@ -51,8 +51,9 @@ def assert_refused_naming_the_leader(error: grpc.aio.AioRpcError, leader: str = 
 
 async def test_a_standby_refuses_connect_naming_the_leader(standby) -> None:
     call = standby.stub.Connect()
-    await call.write(pb.ConnectRequest(submissions=[greedy_request("c1", [5, 6, 7], 4)]))
     with pytest.raises(grpc.aio.AioRpcError) as refused:
+        # The refusal does not wait for a submission: it may already have ended the call.
+        await call.write(pb.ConnectRequest(submissions=[greedy_request("c1", [5, 6, 7], 4)]))
         async for _ in call:
             pytest.fail("a standby answered on its Connect stream")
     assert_refused_naming_the_leader(refused.value)
