@@ -25,6 +25,7 @@ from services.scheduler.fleet import Fleet
 from services.scheduler.lease import (
     Lease, LeaseStore, Observation, decide_claim, decide_release, decide_renewal,
 )
+from services.scheduler.request import ErrorKind, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +181,9 @@ class Leadership:
         if published:
             for listener in self._listeners:
                 await listener(False)  # closes the front doors' streams: they resume elsewhere
+        # Whatever is still live (a Generate stream: the listeners close the Connect sessions) ends
+        # now rather than waiting on a fleet that will not step again.
+        fleet.fail_all(RequestError(ErrorKind.UNAVAILABLE, "this scheduler stopped leading; resubmit to the leader"))
         await fleet.stop()
 
     def start(self) -> None:
