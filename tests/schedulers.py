@@ -98,10 +98,10 @@ class Scheduler:
 
 
 async def leased(lease_path: Path, make_fleet: Callable[[int], Fleet] = never_leads,
-                 duration_s: float = 0.6) -> Scheduler:
+                 duration_s: float = 0.6, startup_wait_s: float = 10.0) -> Scheduler:
     """A scheduler with `--leader-lease file:<lease_path>`: it leads once it holds the lease."""
     leadership = Leadership(make_fleet, store=FileLeaseStore(lease_path), duration_s=duration_s,
-                            startup_wait_s=10.0)
+                            startup_wait_s=startup_wait_s)
     return await Scheduler(leadership).start()
 
 
