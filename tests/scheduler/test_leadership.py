@@ -63,6 +63,27 @@ class FailingStore:
         return lease
 
 
+class SlowReleaseStore:
+    """The lease file, except that the answer to a release comes late (an API server that applied
+    the write and is slow to say so)."""
+
+    def __init__(self, path) -> None:
+        self._file = FileLeaseStore(path)
+
+    def update(self, decide):
+        released = []
+
+        def spy(current):
+            new = decide(current)
+            if new is not None and new.released:
+                released.append(new)
+            return new
+        lease = self._file.update(spy)
+        if released:
+            time.sleep(DURATION_S / 2)  # longer than a renewal interval
+        return lease
+
+
 async def wait_for(predicate, what: str, timeout_s: float = 5.0) -> float:
     """Waits until `predicate()`; returns the monotonic time it became true."""
     deadline = time.monotonic() + timeout_s
@@ -126,6 +147,19 @@ async def test_a_leader_that_stops_hands_over_at_once_with_a_higher_epoch(tmp_pa
         assert store.update(lambda current: None).epoch == b.leadership.epoch
     finally:
         await stop_all(a, b)
+
+
+async def test_a_stopping_leader_does_not_take_back_the_lease_it_hands_back(tmp_path) -> None:
+    a = Candidate(SlowReleaseStore(tmp_path / "lease"), "a:1")
+    a.leadership.start()
+    await wait_for(lambda: a.leads, "a leads")
+    epoch = a.leadership.epoch
+    await a.leadership.stop()
+    lease = FileLeaseStore(tmp_path / "lease").update(lambda current: None)
+    # Still handed back: a standby takes it at once. Had the stopping leader's own renewal seen the
+    # release and claimed the lease again, a standby would wait a whole duration for it to expire.
+    assert lease.released and lease.epoch == epoch
+    assert len(a.fleets) == 1 and a.heard == [True, False]
 
 
 async def test_a_leader_that_cannot_renew_stands_down_before_its_lease_could_be_taken(tmp_path) -> None:
