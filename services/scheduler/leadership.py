@@ -108,7 +108,9 @@ class Leadership:
 
     async def release(self) -> None:
         """A leader shutting down hands its lease back, so a standby takes over without waiting."""
-        mine = self._mine
+        await self._release(self._mine)
+
+    async def _release(self, mine: Lease | None) -> None:
         if self._store is None or mine is None:
             return
         try:
@@ -190,11 +192,14 @@ class Leadership:
         self._task = asyncio.create_task(self.run(), name="leadership")
 
     async def stop(self) -> None:
-        """At shutdown (after the drain): hands the lease back, then stops leading."""
-        await self.release()
+        """At shutdown (after the drain): stops leading, then hands back the lease it held. In the
+        other order our own renewal could find the lease released and claim it again (the store
+        may apply the release well before it answers), and a standby would wait for it to expire."""
+        mine = self._mine
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await self._release(mine)
 
 
 async def _to_the_end(step: Awaitable[None]) -> None:
