@@ -143,3 +143,29 @@ async def test_a_leader_that_steps_down_ends_every_stream_unavailable(tmp_path, 
         assert await health(scheduler, "") == SERVING
     finally:
         await scheduler.close()
+
+
+async def test_a_draining_leased_leader_refuses_new_submissions_for_resubmission(tmp_path, worker) -> None:
+    pool = PoolConfig("default", "v1", 1.0, (worker,))
+    scheduler = await leased(tmp_path / "lease", fleet_maker(pool), duration_s=3.0)
+    try:
+        await wait_for(lambda: scheduler.leadership.fleet is not None, "it leads")
+        connect = scheduler.stub.Connect()
+        await connect.write(pb.ConnectRequest(submissions=[greedy_request("running", [5, 6, 7], 1500)]))
+        events = connect_tokens(connect)
+        assert await first_tokens(events)
+        draining = asyncio.create_task(scheduler.servicer.drain())  # waits for "running" to end
+        await connect.write(pb.ConnectRequest(submissions=[greedy_request("late", [9, 10], 4)]))
+        refusal = None
+        async for msg in connect:
+            refusal = next((e for e in msg.events if e.request_id == "late"), None)
+            if refusal is not None:
+                break
+        assert refusal.error_code == grpc.StatusCode.UNAVAILABLE.value[0] and "draining" in refusal.error_message
+        assert refusal.resubmit  # a standby is about to lead: the front door may go there at once
+        assert not draining.done() and "running" in scheduler.leadership.fleet.live  # it runs on
+        await connect.write(pb.ConnectRequest(abort_request_ids=["running"]))
+        await asyncio.wait_for(draining, 5)
+        connect.cancel()
+    finally:
+        await scheduler.close()

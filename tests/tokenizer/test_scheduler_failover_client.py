@@ -5,6 +5,7 @@ deadline and its pool, and the client sees the tokens it would have seen without
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -128,6 +129,34 @@ async def test_the_resubmission_carries_the_remaining_deadline_and_the_pool(tmp_
         sent_timeout_s = request.deadline_s - request.arrival_s  # the timeout the resubmission carried
         assert TIMEOUT_S - (seen["at_s"] - started_s) - 0.05 <= sent_timeout_s
         assert sent_timeout_s <= TIMEOUT_S - (kill.killed_s - started_s)
+    finally:
+        await client.close()
+        await b.close()
+        await a.close()
+
+
+async def test_a_draining_leader_finishes_its_requests_and_new_ones_go_to_its_successor(tmp_path, workers) -> None:
+    pool = PoolConfig("default", "v1", 1.0, (workers[0],))
+    a, b = await leader_and_standby(tmp_path, (pool,))
+    client = SchedulerClient([a.address, b.address], failover_timeout_s=10)
+    try:
+        started = asyncio.Event()
+
+        async def on_event(tokens: list[int]) -> None:
+            started.set()
+        running = asyncio.create_task(generate(
+            client, "running", SamplingFields(max_tokens=200, temperature=0.0, ignore_eos=True), on_event=on_event))
+        await started.wait()
+        draining = asyncio.create_task(a.servicer.drain())  # SIGTERM: refuse new work, finish the rest
+        late = asyncio.create_task(generate(client, "late", GREEDY))
+        tokens, last = await running
+        assert len(tokens) == 200 and last.finish_reason == "length"  # never moved: it ran to its end
+        await asyncio.wait_for(draining, 5)
+        assert not late.done() and client.num_resubmissions >= 1  # refused by A, then by B standing by
+        await a.kill()  # the rest of the shutdown: the lease goes to B
+        tokens, last = await asyncio.wait_for(late, 10)
+        assert len(tokens) == 48 and last.finish_reason == "length"
+        assert b.leadership.fleet is not None and client.address == b.address
     finally:
         await client.close()
         await b.close()
