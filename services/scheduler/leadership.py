@@ -25,6 +25,7 @@ from services.scheduler.fleet import Fleet
 from services.scheduler.lease import (
     Lease, LeaseStore, Observation, decide_claim, decide_release, decide_renewal,
 )
+from services.scheduler.request import ErrorKind, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,9 @@ class Leadership:
 
     async def release(self) -> None:
         """A leader shutting down hands its lease back, so a standby takes over without waiting."""
-        mine = self._mine
+        await self._release(self._mine)
+
+    async def _release(self, mine: Lease | None) -> None:
         if self._store is None or mine is None:
             return
         try:
@@ -156,8 +159,13 @@ class Leadership:
                 self._mine = lease
         finally:
             starting.cancel()
-            await asyncio.gather(starting, return_exceptions=True)
-            await self._withdraw(fleet)
+            # Once begun, standing down runs to its end even if stop() cancels us meanwhile: cut
+            # short, the fleet's worker loops would go on and later listeners would never hear of it.
+            await _to_the_end(self._stand_down(starting, fleet))
+
+    async def _stand_down(self, starting: asyncio.Task[None], fleet: Fleet) -> None:
+        await asyncio.gather(starting, return_exceptions=True)
+        await self._withdraw(fleet)
 
     async def _publish_after_start(self, fleet: Fleet, lease: Lease) -> None:
         self._mine, self.role = lease, Role.LEADER
@@ -175,14 +183,30 @@ class Leadership:
         if published:
             for listener in self._listeners:
                 await listener(False)  # closes the front doors' streams: they resume elsewhere
+        # Whatever is still live (a Generate stream: the listeners close the Connect sessions) ends
+        # now rather than waiting on a fleet that will not step again.
+        fleet.fail_all(RequestError(ErrorKind.UNAVAILABLE, "this scheduler stopped leading; resubmit to the leader"))
         await fleet.stop()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="leadership")
 
     async def stop(self) -> None:
-        """At shutdown (after the drain): hands the lease back, then stops leading."""
-        await self.release()
+        """At shutdown (after the drain): stops leading, then hands back the lease it held. In the
+        other order our own renewal could find the lease released and claim it again (the store
+        may apply the release well before it answers), and a standby would wait for it to expire."""
+        mine = self._mine
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await self._release(mine)
+
+
+async def _to_the_end(step: Awaitable[None]) -> None:
+    """Awaits `step` to its end even if the caller is cancelled meanwhile; then re-raises that."""
+    task = asyncio.ensure_future(step)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})
+        raise

@@ -43,13 +43,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if leading:
             return
         # Every front door's stream ends UNAVAILABLE: the front doors resubmit their requests to
-        # the new leader. Generate streams end the same way.
+        # the new leader. Generate streams end the same way, when the leadership fails what is left
+        # of the withdrawn fleet (it is no longer `leadership.fleet` here).
         error = Unavailable("this scheduler stopped leading; resubmit to the leader")
         for session in list(self._sessions):
             session.fail(error)
-        fleet = self._leadership.fleet
-        if fleet is not None:
-            fleet.fail_all(RequestError(ErrorKind.UNAVAILABLE, str(error)))
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self, server)
