@@ -60,8 +60,9 @@ def parse_config(argv: list[str] | None = None) -> TokenizerConfig:
     p.add_argument("--model-name", default=env_str("SWITCHYARD_MODEL_NAME", "") or None,
                    help="served model name; default the directory name or file stem [SWITCHYARD_MODEL_NAME]")
     p.add_argument("--scheduler", default=env_str("SWITCHYARD_SCHEDULER_ADDRESS", "127.0.0.1:50052"),
-                   help="scheduler address, or several comma-separated (active/standby): a request whose "
-                        "scheduler goes away resumes on the next [SWITCHYARD_SCHEDULER_ADDRESS]")
+                   help="scheduler address, or several comma-separated (active/standby; 'dns:host:port' for "
+                        "every address record of host): a request whose scheduler goes away resumes on the "
+                        "next [SWITCHYARD_SCHEDULER_ADDRESS]")
     p.add_argument("--failover-timeout-s", type=float,
                    default=env_float("SWITCHYARD_FAILOVER_TIMEOUT_S", 30.0, min_value=0),
                    help="how long a request whose scheduler went away keeps trying the others before it "

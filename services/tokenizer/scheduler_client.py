@@ -31,6 +31,7 @@ from switchyard.scheduler.v1 import scheduler_pb2_grpc
 
 from services.tokenizer import wire
 from services.tokenizer.api_types import GenerateInput, SchedulerEvent, ServingPool
+from services.tokenizer.scheduler_targets import SchedulerTargets
 from shared.channel import open_channel
 from shared.errors import DeadlineExceeded, InvalidArgument, SwitchyardError, Unavailable
 from shared.grpc_errors import error_from_rpc
@@ -201,31 +202,56 @@ class SchedulerClient:
     def __init__(self, address: str | Sequence[str], tls: TlsConfig | None = None, *, stream_interval_s: float = 0.0,
                  on_routable: RoutableListener | None = None,
                  failover_timeout_s: float = DEFAULT_FAILOVER_TIMEOUT_S) -> None:
-        """`address`: one scheduler, or several (a list, or comma-separated) run active/standby.
+        """`address`: one scheduler, or several (a list, or comma-separated; `dns:host:port` for every
+        address record of a name: scheduler_targets.py) run active/standby.
         `on_routable` hears the scheduler's routable pools as each stream announces them, and None
         when a stream breaks (the set is unknown until the next one says)."""
-        addresses = address.split(",") if isinstance(address, str) else list(address)
-        self.addresses = [a.strip() for a in addresses if a.strip()]
-        if not self.addresses:
-            raise InvalidArgument("no scheduler address given", field="scheduler")
-        self.address = self.addresses[0]
+        self._targets = SchedulerTargets(address if isinstance(address, str) else list(address))
+        self.address = self._targets.current
         self.stream_interval_s = stream_interval_s
         self.failover_timeout_s = failover_timeout_s
         self.on_routable: RoutableListener = on_routable or (lambda pools: None)
         self.num_resubmissions = 0  # requests resubmitted after a lost stream (metrics, tests)
-        self._channels = [open_channel(a, tls, keepalive_ms=SCHEDULER_KEEPALIVE_MS) for a in self.addresses]
-        self._stubs = [scheduler_pb2_grpc.SchedulerStub(c) for c in self._channels]
-        self._current = 0  # the address of the stream in use
+        self._tls = tls
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, scheduler_pb2_grpc.SchedulerStub] = {}
         self._connection: _Connection | None = None
+        self._retired: list[_Connection] = []  # draining ones whose requests still run
+        self._moving = asyncio.Lock()
 
-    def _connected(self) -> _Connection:
-        if self._connection is None or self._connection.broken is not None or self._connection.draining:
-            if self._connection is not None and len(self._stubs) > 1:
+    @property
+    def addresses(self) -> list[str]:
+        return self._targets.addresses
+
+    def _stub(self, address: str) -> scheduler_pb2_grpc.SchedulerStub:
+        if address not in self._stubs:
+            self._channels[address] = open_channel(address, self._tls, keepalive_ms=SCHEDULER_KEEPALIVE_MS)
+            self._stubs[address] = scheduler_pb2_grpc.SchedulerStub(self._channels[address])
+        return self._stubs[address]
+
+    def _usable(self) -> _Connection | None:
+        connection = self._connection
+        if connection is None or connection.broken is not None or connection.draining:
+            return None
+        return connection
+
+    async def _connected(self) -> _Connection:
+        if (connection := self._usable()) is not None:
+            return connection
+        async with self._moving:  # the requests of a broken stream all get here; one moves, once
+            if (connection := self._usable()) is not None:
+                return connection
+            previous = self._connection
+            if previous is None:
+                self.address = await self._targets.first()
+            elif self._targets.several:
                 # The one we had is gone or stands by: the next one may lead now.
-                self._current = (self._current + 1) % len(self._stubs)
-                self.address = self.addresses[self._current]
-            self._connection = _Connection(self._stubs[self._current], lambda pools: self.on_routable(pools))
-        return self._connection
+                self.address = await self._targets.next()
+            if previous is not None and previous.broken is None:
+                self._retired.append(previous)  # draining: its running requests finish there
+            self._retired = [c for c in self._retired if c.broken is None]
+            self._connection = _Connection(self._stub(self.address), lambda pools: self.on_routable(pools))
+            return self._connection
 
     async def stream(self, request_id: str, prompt_token_ids: list[int], inp: GenerateInput,
                      trace_context: otel_context.Context | None = None) -> AsyncIterator[SchedulerEvent]:
@@ -277,7 +303,7 @@ class SchedulerClient:
     async def _attempt(self, request_id: str, submission: object,
                        timeout_s: float | None) -> AsyncIterator[SchedulerEvent]:
         """One submission on the current stream; raises _Lost if that stream breaks first."""
-        connection = self._connected()
+        connection = await self._connected()
         inbox = connection.open(request_id, submission)
         loop = asyncio.get_running_loop()
         timer = None
@@ -315,7 +341,7 @@ class SchedulerClient:
                 connection.abort(request_id)
 
     async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
-        for channel in self._channels:
+        for connection in [*self._retired, *([self._connection] if self._connection is not None else [])]:
+            await connection.close()
+        for channel in self._channels.values():
             await channel.close()
