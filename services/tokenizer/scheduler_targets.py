@@ -5,7 +5,8 @@ address record of `host` (a Kubernetes headless Service over the scheduler pods,
 service scaled up), looked up again each time the front door moves to the next scheduler, so a
 replaced pod's new address is found. The front door keeps one stream to one of them and moves to the
 next in order when it breaks or the scheduler steps down; a standby refuses at once, so the walk
-ends at the leader.
+ends at the leader. With TLS, the schedulers' certificates must name the addresses a `dns:` target
+resolves to (IP SANs), or list the schedulers by name instead.
 """
 
 from __future__ import annotations
