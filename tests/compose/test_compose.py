@@ -4,7 +4,7 @@
 machine with no Docker at all it installs Debian's engine, the Compose v2 plugin and a debootstrap
 base image (tests/compose/harness.py says how and why); it then builds the Switchyard image and the
 two offline stand-ins of deploy/compose/offline.yml, starts
-    model worker-stable worker-canary scheduler tokenizer otel-collector prometheus
+    model worker-stable worker-canary scheduler scheduler-standby tokenizer otel-collector prometheus
 (Jaeger and Grafana have no image obtainable offline), and checks through the published ports only:
 a completion streams in SSE chunks ending with [DONE] (HTTP) and in several messages (gRPC), the
 collector received the spans of all three services in one trace, and Prometheus scraped every
@@ -48,7 +48,8 @@ pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]
 
 SERVICES = ("model", "worker-stable", "worker-canary", "scheduler", "scheduler-standby", "tokenizer", "otel-collector",
             "prometheus")
-SCRAPE_TARGETS = {"tokenizer:9101", "scheduler:9102", "worker-stable:9111", "worker-canary:9111"}
+SCRAPE_TARGETS = {"tokenizer:9101", "scheduler:9102", "scheduler-standby:9102", "worker-stable:9111",
+                  "worker-canary:9111"}
 SPAN_NAMES = {"tokenizer.generate", "scheduler.request", "worker.step"}
 SERVICE_NAMES = {"switchyard-tokenizer", "switchyard-scheduler", "switchyard-worker"}
 MODEL = "smollm2-135m-instruct"
