@@ -197,8 +197,8 @@ async def test_sigterm_drains_each_service_in_turn(stack) -> None:
     for p in stack.processes:
         if is_alive(p.pid):
             os.kill(p.pid, signal.SIGTERM)
-            # Half the grace: an idle process that waited out its grace would still fail, while
-            # interpreter teardown on a machine busy with the rest of the suite has room (a fixed
-            # 5 s failed once in a CI rehearsal).
-            await _gone(p.pid, GRACE_S / 2)
+            # Within 90% of the grace: an idle process that waited out its grace would still fail,
+            # while interpreter teardown on a machine busy with the rest of the suite has room (a
+            # fixed 5 s, then half the grace, each failed once on a loaded machine).
+            await _gone(p.pid, GRACE_S * 0.9)
     assert not any(is_alive(p.pid) for p in stack.processes)
