@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from services.scheduler.request import Request
 from shared.sampling_rules import SamplingParams
 from shared.errors import InvalidArgument
-from shared.sampling_rules import SamplingFields, check_sampling_scalars
+from shared.sampling_rules import SamplingFields, check_logit_bias, check_sampling_scalars
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -55,6 +55,7 @@ def resolve_sampling(s: ClientSampling, vocab_size: int) -> tuple[SamplingParams
     check_sampling_scalars(s)
     bad_stop = [t for t in s.stop_token_ids if not 0 <= t < vocab_size]
     _check(not bad_stop, "sampling.stop_token_ids", f"ids must be in [0, {vocab_size}), got {bad_stop[:5]}")
+    check_logit_bias(s.logit_bias, vocab_size)
     sampling = SamplingParams(
         temperature=1.0 if s.temperature is None else s.temperature,
         top_k=s.top_k or 0,
@@ -66,6 +67,7 @@ def resolve_sampling(s: ClientSampling, vocab_size: int) -> tuple[SamplingParams
         seed=s.seed,
         return_logprobs=s.logprobs is not None,
         num_logprobs=s.logprobs or 0,
+        logit_bias=s.logit_bias,
     )
     return sampling, DEFAULT_MAX_TOKENS if s.max_tokens is None else s.max_tokens
 

@@ -72,8 +72,16 @@ class _GenerationRequest(BaseModel):
             raise InvalidArgument(f"only n=1 is supported, got {self.n}", field="n")
         if self.stream_options is not None and not self.stream:
             raise InvalidArgument("only allowed when stream is true", field="stream_options")
-        if self.logit_bias:
-            raise InvalidArgument("is not supported", field="logit_bias")
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """OpenAI's {"token id": bias} object as sorted (id, bias) pairs; ranges are validation.py's."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            # JSON object keys are strings; only plain decimal ids are ids ("+5", " 5", "5_0" are not).
+            if not re.fullmatch(r"-?[0-9]{1,19}", key):
+                raise InvalidArgument(f"keys must be token ids (decimal integers), got {key[:32]!r}", field="logit_bias")
+            pairs.append((int(key), bias))
+        return tuple(sorted(pairs))
 
     def http_param(self, field: str) -> str:
         """The OpenAI name of a `GenerateInput` field named in a front-door error."""
@@ -94,6 +102,7 @@ class _GenerationRequest(BaseModel):
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=stop,
             stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, logprobs=logprobs,
+            logit_bias=self.logit_bias_pairs(),
         )
 
 

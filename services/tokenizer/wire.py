@@ -13,7 +13,7 @@ from services.tokenizer.api_types import (
 )
 from shared.errors import InvalidArgument, SwitchyardError
 from shared.grpc_errors import error_from_status, status_from_number
-from shared.sampling_rules import SCALAR_FIELDS
+from shared.sampling_rules import SCALAR_FIELDS, logit_bias_pairs
 
 _FINISH_FROM_PB = {
     api_pb.FINISH_REASON_UNSPECIFIED: None,
@@ -26,12 +26,14 @@ _FINISH_TO_PB = {v: k for k, v in _FINISH_FROM_PB.items()}
 
 def sampling_from_pb(s: api_pb.SamplingParams) -> SamplingInput:
     scalars = {name: getattr(s, name) if s.HasField(name) else None for name in SCALAR_FIELDS}
-    return SamplingInput(**scalars, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids))
+    return SamplingInput(**scalars, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
+                         logit_bias=logit_bias_pairs(s.logit_bias))
 
 
 def sampling_to_pb(s: SamplingInput) -> api_pb.SamplingParams:
     scalars = {name: getattr(s, name) for name in SCALAR_FIELDS if getattr(s, name) is not None}
-    return api_pb.SamplingParams(**scalars, stop=s.stop, stop_token_ids=s.stop_token_ids)
+    return api_pb.SamplingParams(**scalars, stop=s.stop, stop_token_ids=s.stop_token_ids,
+                                 logit_bias=dict(s.logit_bias))
 
 
 GENERATION_SERVICE = api_pb.DESCRIPTOR.services_by_name["Generation"].full_name

@@ -615,7 +615,7 @@ HTTP_BAD_COMMON: dict[str, list[Any]] = {
     "stop": ["", [""], ["a"] * 17, "x" * 257, 5, [1], {"a": "b"}, ["ok", "\ud800"]],
     "stop_token_ids": [[-1], [VOCAB], "x", [1.5], [1 << 40]],
     "n": [0, 2, -1, "x", 10**20],
-    "logit_bias": [{"1": 5.0}, {"50": -100}],
+    "logit_bias": [{"x": 1}, {"1": 101}, {"1": -100.5}, {str(VOCAB): 1}, {"-1": 1}, {"1": "x"}, [1], 5],
     "stream": ["maybe", 2, [], {}],
     "ignore_eos": ["maybe", 2, []],
     "model": ["nope", "", "\ud800", 5, ["tiny-llama"], "tiny-llama "],
