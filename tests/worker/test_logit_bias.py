@@ -32,7 +32,7 @@ def test_plus_100_forces_a_token_under_greedy_and_sampling() -> None:
     assert greedy[0].token_id == target
     # The other rows are untouched: plain argmax.
     assert [t.token_id for t in greedy[1:]] == x[1:].argmax(dim=-1).tolist()
-    sampled = Sampler(seed=7).sample(x.expand(64, -1), [row(temperature=1.0, logit_bias=((target, 100.0),))] * 64)
+    sampled = Sampler(seed=7).sample(x[:1].expand(64, -1), [row(temperature=1.0, logit_bias=((target, 100.0),))] * 64)
     assert {t.token_id for t in sampled} == {target}
 
 
