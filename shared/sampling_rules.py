@@ -16,11 +16,13 @@ from shared.errors import InvalidArgument
 MAX_NUM_LOGPROBS = 20
 # OpenAI's range for logit_bias values: -100 bans a token in practice, +100 all but forces it.
 MAX_ABS_LOGIT_BIAS = 100.0
+# Most sequences one request may ask for (`n`): each is a full request in the scheduler's batch.
+MAX_N = 16
 # Below this a temperature counts as greedy: dividing logits by it can overflow float32 to inf.
 GREEDY_TEMPERATURE = 1e-5
 # The optional scalars of the public SamplingParams, in proto order (unset on the wire is None here).
 SCALAR_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "seed", "ignore_eos", "logprobs")
+                 "frequency_penalty", "seed", "ignore_eos", "logprobs", "n")
 # What the wire's fixed-width fields hold (SamplingParams.top_k is int32, seed int64); JSON has no
 # such limits, so a larger value must be refused here rather than fail while building the message.
 INT32_MAX = (1 << 31) - 1
@@ -48,6 +50,7 @@ class SamplingFields:
     # (token id, bias) pairs sorted by id: a tuple rather than a dict keeps the dataclass hashable
     # and gives equal requests equal response-cache keys whatever order the client wrote them in.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    n: int | None = None  # sequences to generate; the front door fans them out, the scheduler runs one
 
 
 def logit_bias_pairs(bias: dict[int, float] | Any) -> tuple[tuple[int, float], ...]:
@@ -99,6 +102,7 @@ def check_sampling_scalars(s: Any) -> None:
             "sampling.seed", f"must be a 64-bit signed integer, in [{INT64_MIN}, {INT64_MAX}], got {s.seed}")
     require(s.logprobs is None or 0 <= s.logprobs <= MAX_NUM_LOGPROBS,
             "sampling.logprobs", f"must be in [0, {MAX_NUM_LOGPROBS}], got {s.logprobs}")
+    require(s.n is None or 1 <= s.n <= MAX_N, "sampling.n", f"must be in [1, {MAX_N}], got {s.n}")
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ def submission_from_pb(msg: pb.GenerateRequest, timeout_s: float | None) -> Subm
         timeout_s=timeout_s,
         resume_output_token_ids=tuple(msg.resume_output_token_ids),
         resume_pool=msg.resume_pool,
+        sequence_group=msg.sequence_group,
     )
 
 

@@ -80,7 +80,7 @@ def chunk_to_pb(chunk: GenerateChunk) -> api_pb.GenerateResponse:
         request_id=chunk.request_id, text=chunk.text, token_ids=chunk.token_ids,
         logprobs=[api_pb.TokenLogprob(logprob=lp.logprob, top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
                   for lp in chunk.logprobs],
-        finish_reason=_FINISH_TO_PB[chunk.finish_reason],
+        finish_reason=_FINISH_TO_PB[chunk.finish_reason], index=chunk.index,
     )
     if chunk.usage is not None:
         response.usage.CopyFrom(api_pb.Usage(prompt_tokens=chunk.usage.prompt_tokens,
@@ -101,6 +101,7 @@ def scheduler_request_to_pb(request_id: str, prompt_token_ids: list[int], inp: G
         session_id=inp.session_id, cache_salt=inp.cache_salt, priority=inp.priority,
         traceparent=traceparent, timeout_s=(inp.timeout_s if timeout_s is None else timeout_s) or 0.0,
         resume_output_token_ids=resume_output_token_ids, resume_pool=resume_pool,
+        sequence_group=inp.sequence_group,
     )
 
 
