@@ -14,11 +14,15 @@ from typing import Any
 from shared.errors import InvalidArgument
 
 MAX_NUM_LOGPROBS = 20
+# OpenAI's range for logit_bias values: -100 bans a token in practice, +100 all but forces it.
+MAX_ABS_LOGIT_BIAS = 100.0
+# Most sequences one request may ask for (`n`): each is a full request in the scheduler's batch.
+MAX_N = 16
 # Below this a temperature counts as greedy: dividing logits by it can overflow float32 to inf.
 GREEDY_TEMPERATURE = 1e-5
 # The optional scalars of the public SamplingParams, in proto order (unset on the wire is None here).
 SCALAR_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "seed", "ignore_eos", "logprobs")
+                 "frequency_penalty", "seed", "ignore_eos", "logprobs", "n")
 # What the wire's fixed-width fields hold (SamplingParams.top_k is int32, seed int64); JSON has no
 # such limits, so a larger value must be refused here rather than fail while building the message.
 INT32_MAX = (1 << 31) - 1
@@ -43,6 +47,25 @@ class SamplingFields:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool | None = None
     logprobs: int | None = None
+    # (token id, bias) pairs sorted by id: a tuple rather than a dict keeps the dataclass hashable
+    # and gives equal requests equal response-cache keys whatever order the client wrote them in.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    n: int | None = None  # sequences to generate; the front door fans them out, the scheduler runs one
+
+
+def logit_bias_pairs(bias: dict[int, float] | Any) -> tuple[tuple[int, float], ...]:
+    """A {token id: bias} mapping (a dict or a protobuf map) as the sorted pairs both dataclasses hold."""
+    return tuple(sorted((int(k), float(v)) for k, v in bias.items()))
+
+
+def check_logit_bias(bias: tuple[tuple[int, float], ...], vocab_size: int,
+                     field: str = "sampling.logit_bias") -> None:
+    """Every id in the vocabulary, every bias finite and within [-100, 100]."""
+    bad_ids = [t for t, _ in bias if not 0 <= t < vocab_size]
+    require(not bad_ids, field, f"token ids must be in [0, {vocab_size}), got {bad_ids[:5]}")
+    bad = [(t, b) for t, b in bias if not (math.isfinite(b) and abs(b) <= MAX_ABS_LOGIT_BIAS)]
+    require(not bad, field, f"biases must be in [-{MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}], "
+            f"got {', '.join(f'{b} for token {t}' for t, b in bad[:5])}")
 
 
 def require(ok: bool, field: str, message: str) -> None:
@@ -79,6 +102,7 @@ def check_sampling_scalars(s: Any) -> None:
             "sampling.seed", f"must be a 64-bit signed integer, in [{INT64_MIN}, {INT64_MAX}], got {s.seed}")
     require(s.logprobs is None or 0 <= s.logprobs <= MAX_NUM_LOGPROBS,
             "sampling.logprobs", f"must be in [0, {MAX_NUM_LOGPROBS}], got {s.logprobs}")
+    require(s.n is None or 1 <= s.n <= MAX_N, "sampling.n", f"must be in [1, {MAX_N}], got {s.n}")
 
 
 @dataclass(frozen=True)
@@ -97,6 +121,7 @@ class SamplingParams:
     seed: int | None = None
     return_logprobs: bool = False
     num_logprobs: int = 0  # top-n alternatives returned with each token
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) sorted by id; added before penalties
 
     def __post_init__(self) -> None:
         # Only what would break the math; the scheduler owns user-facing validation.
@@ -111,6 +136,9 @@ class SamplingParams:
             ("presence_penalty", "finite", math.isfinite(self.presence_penalty)),
             ("frequency_penalty", "finite", math.isfinite(self.frequency_penalty)),
             ("num_logprobs", f"in [0, {MAX_NUM_LOGPROBS}]", 0 <= self.num_logprobs <= MAX_NUM_LOGPROBS),
+            # Ids are checked against the vocabulary by the sampler, which knows it; a non-finite
+            # bias would turn a row's logits into NaN.
+            ("logit_bias", "finite biases", all(math.isfinite(b) for _, b in self.logit_bias)),
         )
         for name, rule, ok in checks:
             if not ok:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from services.scheduler.request import Request
 from shared.sampling_rules import SamplingParams
 from shared.errors import InvalidArgument
-from shared.sampling_rules import SamplingFields, check_sampling_scalars
+from shared.sampling_rules import SamplingFields, check_logit_bias, check_sampling_scalars
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -34,6 +34,7 @@ class Submission:
     # pool they came from (see GenerateRequest.resume_output_token_ids).
     resume_output_token_ids: tuple[int, ...] = ()
     resume_pool: str = ""
+    sequence_group: str = ""  # n > 1 at the front door: requests of one group go to one worker
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ def resolve_sampling(s: ClientSampling, vocab_size: int) -> tuple[SamplingParams
     check_sampling_scalars(s)
     bad_stop = [t for t in s.stop_token_ids if not 0 <= t < vocab_size]
     _check(not bad_stop, "sampling.stop_token_ids", f"ids must be in [0, {vocab_size}), got {bad_stop[:5]}")
+    check_logit_bias(s.logit_bias, vocab_size)
+    # One request is one sequence here: the front door fans n out into n requests of n=1.
+    _check(s.n is None or s.n == 1, "sampling.n",
+           f"the scheduler runs one sequence per request, got n={s.n}; send n > 1 to the front door")
     sampling = SamplingParams(
         temperature=1.0 if s.temperature is None else s.temperature,
         top_k=s.top_k or 0,
@@ -66,6 +71,7 @@ def resolve_sampling(s: ClientSampling, vocab_size: int) -> tuple[SamplingParams
         seed=s.seed,
         return_logprobs=s.logprobs is not None,
         num_logprobs=s.logprobs or 0,
+        logit_bias=s.logit_bias,
     )
     return sampling, DEFAULT_MAX_TOKENS if s.max_tokens is None else s.max_tokens
 

@@ -75,6 +75,7 @@ class LiveRequest:
     sink: Callable[[RequestEvent], None] | None = None
     events: asyncio.Queue[RequestEvent] = field(default_factory=asyncio.Queue)
     model_version: str = ""  # of its pool, which it never leaves (a dead worker's requests move within it)
+    group: str = ""  # Submission.sequence_group
 
     def __post_init__(self) -> None:
         if self.sink is None:
@@ -92,6 +93,7 @@ class Fleet:
                              policy=config.routing)
         self._clock = clock
         self.live: dict[str, LiveRequest] = {}
+        self._groups: dict[str, LiveRequest] = {}  # sequence group -> its first live request (n > 1)
         self._idle = asyncio.Event()  # set while no request is live; drain waits on it
         self._idle.set()
         self._last_progress_s = clock()  # last token delivered, or when the fleet stopped being idle
@@ -288,7 +290,15 @@ class Fleet:
         def available(name: str) -> bool:
             return any(loop.up for loop in self._pool_loops(name))
 
-        if sub.resume_pool and sub.resume_pool in self.router.weights() and available(sub.resume_pool):
+        # n > 1: the sequences follow the first of their group to its worker, where the batcher makes
+        # them wait for its prompt blocks and then hit them in the prefix cache. Left to the router,
+        # load would spread them and each worker would compute the whole prompt.
+        leader = self._groups.get(sub.sequence_group) if sub.sequence_group else None
+        if leader is not None and not leader.worker.up:
+            leader = None
+        if leader is not None:
+            pool, sticky = leader.worker.pool, False
+        elif sub.resume_pool and sub.resume_pool in self.router.weights() and available(sub.resume_pool):
             # A resumed answer stays with the model version that wrote its first tokens, whatever
             # the weights say now (a new request of its session may go elsewhere).
             pool, sticky = sub.resume_pool, False
@@ -297,10 +307,15 @@ class Fleet:
         now = self._clock()
         request = build_request(sub, self._limits(pool), now)
         request.trace_context = trace_context
-        decision = self.router.choose_worker(pool, request.num_prompt_tokens, self._loads(pool, request), sticky=sticky)
+        loads = self._loads(pool, request)
+        if leader is not None:
+            loads = [load for load in loads if load.address == leader.worker.address]
+        decision = self.router.choose_worker(pool, request.num_prompt_tokens, loads, sticky=sticky)
         metrics.observe_routed(decision)
         live = LiveRequest(request, self.loops[decision.worker], decision, sink,
-                           model_version=self.router.version_of(pool))
+                           model_version=self.router.version_of(pool), group=sub.sequence_group)
+        if sub.sequence_group and leader is None:
+            self._groups[sub.sequence_group] = live
         if not self.live:
             self._last_progress_s = now  # an idle fleet owes no tokens; the clock starts now
         self.live[request.request_id] = live
@@ -331,6 +346,8 @@ class Fleet:
 
     def _forget(self, request_id: str) -> LiveRequest | None:
         live = self.live.pop(request_id, None)
+        if live is not None and live.group and self._groups.get(live.group) is live:
+            del self._groups[live.group]  # later members of the group, if any, are routed afresh
         if not self.live:
             self._idle.set()
         return live

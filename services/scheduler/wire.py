@@ -16,7 +16,7 @@ from services.scheduler.request import FinishReason, Request, TokenLogprob
 from services.scheduler.worker_spec import WorkerSpec
 from shared.errors import ResourceExhausted
 from shared.grpc_errors import status_code_for
-from shared.sampling_rules import SCALAR_FIELDS, SamplingParams
+from shared.sampling_rules import SCALAR_FIELDS, SamplingParams, logit_bias_pairs
 
 
 _FINISH_TO_PB = {
@@ -29,7 +29,7 @@ _FINISH_TO_PB = {
 
 def client_sampling_from_pb(s: api_pb.SamplingParams) -> ClientSampling:
     scalars = {name: getattr(s, name) if s.HasField(name) else None for name in SCALAR_FIELDS}
-    return ClientSampling(**scalars, stop_token_ids=tuple(s.stop_token_ids))
+    return ClientSampling(**scalars, stop_token_ids=tuple(s.stop_token_ids), logit_bias=logit_bias_pairs(s.logit_bias))
 
 
 def submission_from_pb(msg: pb.GenerateRequest, timeout_s: float | None) -> Submission:
@@ -43,6 +43,7 @@ def submission_from_pb(msg: pb.GenerateRequest, timeout_s: float | None) -> Subm
         timeout_s=timeout_s,
         resume_output_token_ids=tuple(msg.resume_output_token_ids),
         resume_pool=msg.resume_pool,
+        sequence_group=msg.sequence_group,
     )
 
 
@@ -99,7 +100,8 @@ def event_to_pb(event: RequestEvent, request: Request, pool: str = "", model_ver
 
 
 def _sampling_to_worker(s: SamplingParams) -> worker_pb.SamplingParams:
-    return worker_pb.SamplingParams(**vars(s))  # the dataclass's fields are the message's, by name
+    # The dataclass's fields are the message's, by name; the bias pairs become the message's map.
+    return worker_pb.SamplingParams(**(vars(s) | {"logit_bias": dict(s.logit_bias)}))
 
 
 def plan_to_pb(plan: StepPlan, scheduler_epoch: int = 0) -> worker_pb.StepRequest:

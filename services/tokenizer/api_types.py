@@ -27,6 +27,9 @@ class GenerateInput:
     cache_salt: str = ""
     priority: int = 0
     timeout_s: float | None = None
+    # Set by the front door on each of the n sequences of one request (n > 1), never by a client:
+    # the scheduler places a group's requests on one worker, so they share the prompt's blocks.
+    sequence_group: str = ""
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class GenerateChunk:
     # "miss" (looked up, not there), "bypass" (the client said no-cache or no-store), "uncacheable"
     # (not a deterministic request); None when the cache is off.
     cache: str | None = None
+    index: int = 0  # which of the request's n sequences (0-based); usage, with n > 1, is on the last chunk of all
 
 
 @dataclass(frozen=True)

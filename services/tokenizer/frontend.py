@@ -4,10 +4,23 @@ Both public APIs (gRPC `Generation` and the OpenAI-compatible HTTP) call `Fronte
 validation, stop strings, usage and the response cache are the same whichever door a client uses.
 A cache hit replays the stored chunks as they were streamed the first time (text, token ids,
 logprobs, finish reason, usage), so a client cannot tell one from a miss but by the `cache` mark.
+
+`n` > 1 is a fan-out here: n scheduler requests of n=1 on the same prompt ids and cache salt, whose
+chunks are merged and tagged with their `index`. They share the prompt's full KV blocks without a
+fork in the scheduler, because the scheduler already makes identical prompts on one worker share:
+a prompt whose next block another request is computing waits for it and then hits the prefix cache
+(`Batcher._computing`). The one thing added is a `sequence_group` that places every sequence on the
+worker of the first (the router alone might spread them for load). So the prompt's full blocks are
+computed once and referenced by every sequence; each sequence computes only the partial last block
+(fewer than block_size tokens) itself, which stands in for copy-on-write of that block. Everything
+per sequence (stop strings, detokenizing, the response cache, aborts, resuming on another
+scheduler) is the n=1 path, unchanged.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -72,8 +85,11 @@ class Frontend:
             "gen_ai.request.model": self.model_name,
         })
         finish_reason, num_output_tokens = None, 0
+        one = inp.sampling.n is None or inp.sampling.n == 1
         try:
-            async with aclosing(self._generate(inp, span, tenant, cache_control)) as chunks:
+            generation = (self._generate(inp, span, tenant, cache_control) if one
+                          else self._generate_n(inp, span, tenant, cache_control))
+            async with aclosing(generation) as chunks:
                 async for chunk in chunks:
                     num_output_tokens += len(chunk.token_ids)
                     finish_reason = chunk.finish_reason or finish_reason
@@ -88,18 +104,45 @@ class Frontend:
                                  "gen_ai.response.finish_reasons": [finish_reason or "cancelled"]})
             span.end()
 
-    async def _generate(self, inp: GenerateInput, span: trace.Span, tenant: str,
-                        cache_control: CacheControl) -> AsyncIterator[GenerateChunk]:
-        prompt_ids = self.prompt_ids(inp)
+    def _with_max_tokens(self, inp: GenerateInput, prompt_ids: list[int]) -> GenerateInput:
+        """`inp` with max_tokens resolved and checked against the model length."""
         max_tokens = inp.sampling.max_tokens
         if max_tokens is None:
             # OpenAI's defaults: 16 for a completion; a chat reply may run until the context is full.
             max_tokens = max(1, self.max_model_len - len(prompt_ids)) if inp.messages else DEFAULT_MAX_TOKENS
             inp = replace(inp, sampling=replace(inp.sampling, max_tokens=max_tokens))
         validate_length(len(prompt_ids), max_tokens, self.max_model_len)
+        return inp
+
+    async def _generate_n(self, inp: GenerateInput, span: trace.Span, tenant: str,
+                          cache_control: CacheControl) -> AsyncIterator[GenerateChunk]:
+        """n > 1: n sequences of n=1, run at once, chunks merged (see the module docstring)."""
+        prompt_ids = self.prompt_ids(inp)  # validates n, so every refusal comes before any work
+        inp = self._with_max_tokens(inp, prompt_ids)
+        request_id = inp.request_id or uuid.uuid4().hex
+        n = inp.sampling.n or 1
+        span.set_attributes({"switchyard.request_id": request_id, "gen_ai.request.choice.count": n})
+        # Encoded once: each sequence sends the ids, so the scheduler sees n equal prompts.
+        base = replace(inp, prompt=None, messages=None, prompt_token_ids=tuple(prompt_ids),
+                       sampling=replace(inp.sampling, n=None), sequence_group=request_id)
+        sequences = [
+            self._generate(replace(base, request_id=f"{request_id}/{i}",
+                                   sampling=replace(base.sampling, seed=sequence_seed(base.sampling.seed, i))),
+                           span, tenant, cache_control)
+            for i in range(n)
+        ]
+        async with aclosing(_merge(request_id, sequences, len(prompt_ids))) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _generate(self, inp: GenerateInput, span: trace.Span, tenant: str,
+                        cache_control: CacheControl) -> AsyncIterator[GenerateChunk]:
+        prompt_ids = self.prompt_ids(inp)
+        inp = self._with_max_tokens(inp, prompt_ids)
+        max_tokens = inp.sampling.max_tokens
         request_id = inp.request_id or uuid.uuid4().hex
         span.set_attributes({
-            "switchyard.request_id": request_id,
+            "switchyard.request_id": inp.sequence_group or request_id,  # the client's id, also with n > 1
             "gen_ai.request.max_tokens": max_tokens,
             "gen_ai.usage.input_tokens": len(prompt_ids),
             **{f"gen_ai.request.{name}": value for name in ("temperature", "top_p", "top_k", "seed")
@@ -154,3 +197,56 @@ class Frontend:
                 yield chunk
                 if finish is not None:
                     return
+
+
+def sequence_seed(seed: int | None, index: int) -> int | None:
+    """Sequence `index`'s seed: the request's own for sequence 0 (so n=1 and choice 0 agree), and
+    for the others one derived from (seed, index), so sequences differ yet repeat run after run."""
+    if seed is None or index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8, person=b"switchyard-n").digest()
+    return int.from_bytes(digest, "big", signed=True)  # any int64 is a valid seed
+
+
+async def _merge(request_id: str, sequences: list[AsyncIterator[GenerateChunk]],
+                 num_prompt_tokens: int) -> AsyncIterator[GenerateChunk]:
+    """The chunks of n sequences as they come, each tagged with its index. Usage is held back to
+    the last chunk of all, with the prompt counted once (cached tokens as sequence 0 saw them) and
+    every sequence's completion tokens. A failure of any sequence fails the request; closing this
+    iterator (client gone, deadline) closes every sequence, which aborts each in the scheduler."""
+    queue: asyncio.Queue[tuple[int, GenerateChunk | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, sequence: AsyncIterator[GenerateChunk]) -> None:
+        try:
+            async with aclosing(sequence) as chunks:
+                async for chunk in chunks:
+                    queue.put_nowait((index, chunk, None))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            queue.put_nowait((index, None, e))
+        else:
+            queue.put_nowait((index, None, None))
+
+    tasks = [asyncio.create_task(pump(i, sequence)) for i, sequence in enumerate(sequences)]
+    try:
+        num_open, num_finished, num_completion_tokens = len(tasks), 0, 0
+        num_cached_tokens = 0
+        while num_open:
+            index, chunk, error = await queue.get()
+            if error is not None:
+                raise error
+            if chunk is None:
+                num_open -= 1
+                continue
+            usage = None
+            if chunk.usage is not None:
+                num_finished += 1
+                num_completion_tokens += chunk.usage.completion_tokens
+                if index == 0:
+                    num_cached_tokens = chunk.usage.cached_tokens
+                if num_finished == len(tasks):
+                    usage = Usage(num_prompt_tokens, num_completion_tokens, num_cached_tokens)
+            yield replace(chunk, request_id=request_id, index=index, usage=usage)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

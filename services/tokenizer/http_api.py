@@ -154,6 +154,7 @@ class _Generation:
         self.gate = gate
         self.param_of: Callable[[str], str] | None = None
         self.logprobs = False
+        self.n = 1  # sequences asked for; chunks carry their index
         base = request.headers.get("x-request-id") or uuid.uuid4().hex
         self.response_id = f"{'cmpl' if endpoint == 'completions' else 'chatcmpl'}-{base}"
         self.created = int(time.time())
@@ -168,6 +169,7 @@ class _Generation:
             self.param_of = req.http_param
             inp = req.to_input(self.response_id, self.frontend.model_name)
             self.logprobs = inp.sampling.logprobs is not None
+            self.n = inp.sampling.n or 1
             tenant, control = "", CacheControl()
             if self.frontend.response_cache is not None:
                 tenant = self.gate.key_name(self.request.headers.get("authorization"))  # the gate admitted it
@@ -218,27 +220,36 @@ class _Generation:
     def _whole(self, chunks: list[GenerateChunk]) -> dict[str, Any]:
         if not chunks:
             raise RuntimeError("the frontend ended the stream without a chunk")
-        last = chunks[-1]
-        logprobs = self._logprobs(CompletionLogprobs(self.frontend.token_text), chunks)
-        text = "".join(c.text for c in chunks)
-        body = choice(self.endpoint, text=text, logprobs=logprobs, finish_reason=last.finish_reason, stream=False)
-        return self._envelope(stream=False, choices=[body], usage=usage_json(last.usage), with_usage=True)
+        choices = []
+        for index in range(self.n):
+            mine = [c for c in chunks if c.index == index]
+            if not mine:
+                raise RuntimeError(f"the frontend ended the stream without a chunk of sequence {index}")
+            logprobs = self._logprobs(CompletionLogprobs(self.frontend.token_text), mine)
+            text = "".join(c.text for c in mine)
+            choices.append(choice(self.endpoint, text=text, logprobs=logprobs, finish_reason=mine[-1].finish_reason,
+                                  stream=False, index=index))
+        # Usage is on the last chunk of all: with n > 1, the prompt once and every sequence's tokens.
+        return self._envelope(stream=False, choices=choices, usage=usage_json(chunks[-1].usage), with_usage=True)
 
     async def _events(self, first: GenerateChunk, stream: AsyncIterator[GenerateChunk],
                       include_usage: bool) -> AsyncIterator[bytes]:
-        renderer = CompletionLogprobs(self.frontend.token_text)
+        renderers = [CompletionLogprobs(self.frontend.token_text) for _ in range(self.n)]  # one per sequence
         usage = None
         try:
             if self.endpoint == "chat":
-                role = choice("chat", text="", logprobs=None, finish_reason=None, stream=True, first=True)
-                yield _sse(self._envelope(stream=True, choices=[role], usage=None, with_usage=include_usage))
+                for index in range(self.n):
+                    role = choice("chat", text="", logprobs=None, finish_reason=None, stream=True, first=True,
+                                  index=index)
+                    yield _sse(self._envelope(stream=True, choices=[role], usage=None, with_usage=include_usage))
             chunk: GenerateChunk | None = first
             while chunk is not None:
                 usage = chunk.usage or usage
                 # An empty delta means text held back (a partial character or a possible stop string).
                 if chunk.text or chunk.finish_reason or (self.logprobs and chunk.token_ids):
-                    body = choice(self.endpoint, text=chunk.text, logprobs=self._logprobs(renderer, [chunk]),
-                                  finish_reason=chunk.finish_reason, stream=True)
+                    logprobs = self._logprobs(renderers[chunk.index], [chunk])
+                    body = choice(self.endpoint, text=chunk.text, logprobs=logprobs,
+                                  finish_reason=chunk.finish_reason, stream=True, index=chunk.index)
                     yield _sse(self._envelope(stream=True, choices=[body], usage=None, with_usage=include_usage))
                 chunk = await anext(stream, None)
                 if chunk is not None and self.request.app.state.closing:

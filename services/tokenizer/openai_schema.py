@@ -1,7 +1,7 @@
 """OpenAI request bodies in, `GenerateInput` out; OpenAI responses, chunks and error bodies back.
 
 Only the HTTP API imports this module. Request models ignore fields they do not know (as vLLM
-does), refuse the ones whose meaning Switchyard cannot honour (n > 1, echo, tools, ...) rather
+does), refuse the ones whose meaning Switchyard cannot honour (best_of > n, echo, tools, ...) rather
 than silently dropping them, and leave range checks to `validation.py`, so that a bad temperature
 gets the same message over HTTP and over gRPC. Field names in errors are the OpenAI ones (see
 `http_param`): "sampling.top_p" from the front door reaches an HTTP client as param "top_p".
@@ -68,12 +68,18 @@ class _GenerationRequest(BaseModel):
     def check_common(self, model_name: str) -> None:
         if self.model is not None and self.model != model_name:
             raise InvalidArgument(f"The model `{self.model}` does not exist.", field="model")
-        if self.n is not None and self.n != 1:
-            raise InvalidArgument(f"only n=1 is supported, got {self.n}", field="n")
         if self.stream_options is not None and not self.stream:
             raise InvalidArgument("only allowed when stream is true", field="stream_options")
-        if self.logit_bias:
-            raise InvalidArgument("is not supported", field="logit_bias")
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """OpenAI's {"token id": bias} object as sorted (id, bias) pairs; ranges are validation.py's."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            # JSON object keys are strings; only plain decimal ids are ids ("+5", " 5", "5_0" are not).
+            if not re.fullmatch(r"-?[0-9]{1,19}", key):
+                raise InvalidArgument(f"keys must be token ids (decimal integers), got {key[:32]!r}", field="logit_bias")
+            pairs.append((int(key), bias))
+        return tuple(sorted(pairs))
 
     def http_param(self, field: str) -> str:
         """The OpenAI name of a `GenerateInput` field named in a front-door error."""
@@ -94,6 +100,7 @@ class _GenerationRequest(BaseModel):
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=stop,
             stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, logprobs=logprobs,
+            logit_bias=self.logit_bias_pairs(), n=self.n,
         )
 
 
@@ -108,8 +115,11 @@ class CompletionRequest(_GenerationRequest):
         self.check_common(model_name)
         if self.echo:
             raise InvalidArgument("echo is not supported", field="echo")
-        if self.best_of is not None and self.best_of != 1:
-            raise InvalidArgument(f"only best_of=1 is supported, got {self.best_of}", field="best_of")
+        n = 1 if self.n is None else self.n
+        # best_of > n would generate sequences only to throw them away by a score; not supported.
+        if self.best_of is not None and self.best_of != n:
+            raise InvalidArgument(f"must equal n ({n}) or be left out: only the n sequences returned are "
+                                  f"generated, got best_of={self.best_of}", field="best_of")
         if self.suffix:
             raise InvalidArgument("is not supported", field="suffix")
         prompt, prompt_token_ids = _one_prompt(self.prompt)
@@ -249,11 +259,12 @@ Endpoint = Literal["completions", "chat"]
 
 
 def choice(endpoint: Endpoint, *, text: str, logprobs: Any, finish_reason: str | None, stream: bool,
-           first: bool = False) -> dict[str, Any]:
-    """One entry of `choices`, in the shape of the endpoint and of streaming or not."""
+           first: bool = False, index: int = 0) -> dict[str, Any]:
+    """One entry of `choices`, in the shape of the endpoint and of streaming or not; `index` is the
+    sequence's (n > 1)."""
     if endpoint == "completions":
-        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-    body: dict[str, Any] = {"index": 0}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    body: dict[str, Any] = {"index": index}
     if stream:
         delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
         body["delta"] = delta

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from services.tokenizer.api_types import GenerateInput, SamplingInput
 from shared.errors import InvalidArgument
-from shared.sampling_rules import INT32_MAX, check_sampling_scalars, require
+from shared.sampling_rules import INT32_MAX, check_logit_bias, check_sampling_scalars, require
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
@@ -59,6 +59,7 @@ def validate_input(inp: GenerateInput, vocab_size: int, has_chat_template: bool)
         require(not bad, "prompt_token_ids", f"ids must be in [0, {vocab_size}), got {bad[:5]}")
     bad_stop_ids = [t for t in inp.sampling.stop_token_ids if not 0 <= t < vocab_size]
     require(not bad_stop_ids, "sampling.stop_token_ids", f"ids must be in [0, {vocab_size}), got {bad_stop_ids[:5]}")
+    check_logit_bias(inp.sampling.logit_bias, vocab_size)
     require(inp.timeout_s is None or inp.timeout_s > 0, "deadline", "already passed")
     validate_sampling(inp.sampling)
 

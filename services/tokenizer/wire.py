@@ -13,7 +13,7 @@ from services.tokenizer.api_types import (
 )
 from shared.errors import InvalidArgument, SwitchyardError
 from shared.grpc_errors import error_from_status, status_from_number
-from shared.sampling_rules import SCALAR_FIELDS
+from shared.sampling_rules import SCALAR_FIELDS, logit_bias_pairs
 
 _FINISH_FROM_PB = {
     api_pb.FINISH_REASON_UNSPECIFIED: None,
@@ -26,12 +26,14 @@ _FINISH_TO_PB = {v: k for k, v in _FINISH_FROM_PB.items()}
 
 def sampling_from_pb(s: api_pb.SamplingParams) -> SamplingInput:
     scalars = {name: getattr(s, name) if s.HasField(name) else None for name in SCALAR_FIELDS}
-    return SamplingInput(**scalars, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids))
+    return SamplingInput(**scalars, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
+                         logit_bias=logit_bias_pairs(s.logit_bias))
 
 
 def sampling_to_pb(s: SamplingInput) -> api_pb.SamplingParams:
     scalars = {name: getattr(s, name) for name in SCALAR_FIELDS if getattr(s, name) is not None}
-    return api_pb.SamplingParams(**scalars, stop=s.stop, stop_token_ids=s.stop_token_ids)
+    return api_pb.SamplingParams(**scalars, stop=s.stop, stop_token_ids=s.stop_token_ids,
+                                 logit_bias=dict(s.logit_bias))
 
 
 GENERATION_SERVICE = api_pb.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -78,7 +80,7 @@ def chunk_to_pb(chunk: GenerateChunk) -> api_pb.GenerateResponse:
         request_id=chunk.request_id, text=chunk.text, token_ids=chunk.token_ids,
         logprobs=[api_pb.TokenLogprob(logprob=lp.logprob, top_token_ids=lp.top_token_ids, top_logprobs=lp.top_logprobs)
                   for lp in chunk.logprobs],
-        finish_reason=_FINISH_TO_PB[chunk.finish_reason],
+        finish_reason=_FINISH_TO_PB[chunk.finish_reason], index=chunk.index,
     )
     if chunk.usage is not None:
         response.usage.CopyFrom(api_pb.Usage(prompt_tokens=chunk.usage.prompt_tokens,
@@ -99,6 +101,7 @@ def scheduler_request_to_pb(request_id: str, prompt_token_ids: list[int], inp: G
         session_id=inp.session_id, cache_salt=inp.cache_salt, priority=inp.priority,
         traceparent=traceparent, timeout_s=(inp.timeout_s if timeout_s is None else timeout_s) or 0.0,
         resume_output_token_ids=resume_output_token_ids, resume_pool=resume_pool,
+        sequence_group=inp.sequence_group,
     )
 
 

@@ -12,7 +12,10 @@ Why it is shaped this way:
   Its draw therefore depends only on the request's own history: not on its neighbours or position
   in the batch, not on preemption, and not on which worker recomputes it after a failover (for the
   same device type and torch version, whose generators must agree).
-- Logprobs are of the raw logits, before penalties and filters, as vLLM reports by default, so
+- ``logit_bias`` is added to the raw logits before penalties and temperature (OpenAI's and vLLM's
+  order), in one scatter over the rows that have any; the others pass through untouched, so a batch
+  without biases pays nothing for the feature.
+- Logprobs are of the raw logits, before biases, penalties and filters, as vLLM reports by default, so
   they describe the model rather than the sampling settings.
 - A row with NaN or +inf logits fails alone (``error`` set, token -1); the rest of the batch goes
   on. -inf alone is legitimate (models mask with it) unless the whole row is -inf.
@@ -29,7 +32,8 @@ import torch
 
 from shared.sampling_rules import GREEDY_TEMPERATURE, MAX_NUM_LOGPROBS, SamplingParams
 
-__all__ = ["GREEDY_TEMPERATURE", "MAX_NUM_LOGPROBS", "SamplingParams", "Sampler", "SamplingRow", "SampledToken"]
+__all__ = ["GREEDY_TEMPERATURE", "MAX_NUM_LOGPROBS", "SamplingParams", "Sampler", "SamplingRow", "SampledToken",
+           "apply_logit_bias"]
 
 NON_FINITE_LOGITS_ERROR = "non-finite logits"
 _MASK64 = (1 << 64) - 1
@@ -63,6 +67,29 @@ def _splitmix64(x: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Returns ``logits`` with each row's ``logit_bias`` added; the input itself when no row has one.
+
+    Ids beyond the logits' width are skipped: the scheduler checks ids against the vocabulary, and
+    a padded vocabulary is only ever wider.
+    """
+    biased = [(i, row.params.logit_bias) for i, row in enumerate(rows) if row.params.logit_bias]
+    if not biased:
+        return logits
+    num_vocab = logits.shape[1]
+    flat_index, values = [], []
+    for i, pairs in biased:
+        for token_id, bias in pairs:
+            if 0 <= token_id < num_vocab:
+                flat_index.append(i * num_vocab + token_id)
+                values.append(bias)
+    out = logits.clone()
+    if flat_index:
+        out.view(-1).index_add_(0, torch.tensor(flat_index, device=logits.device),
+                                torch.tensor(values, dtype=out.dtype, device=logits.device))
+    return out
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -184,7 +211,7 @@ class Sampler:
             # Zeroing failed rows keeps NaN out of every batched op; their results are discarded.
             raw = torch.where(failed.unsqueeze(1), 0.0, raw)
 
-        penalised = apply_penalties(raw, rows)
+        penalised = apply_penalties(apply_logit_bias(raw, rows), rows)
         token_ids = penalised.argmax(dim=-1)  # final for greedy rows
         sampled = [i for i, row in enumerate(rows) if not row.params.is_greedy]
         if sampled:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from switchyard.worker.v1 import worker_pb2 as pb
 
 from services.worker.model_runner import ModelSpec
-from shared.sampling_rules import SamplingParams
+from shared.sampling_rules import SamplingParams, logit_bias_pairs
 from services.worker.step import CachedRequestData, NewRequestData, StepInput, StepResult
 from shared.errors import InvalidArgument
 
@@ -30,11 +30,13 @@ def _sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
         seed=msg.seed if msg.HasField("seed") else None,
         return_logprobs=msg.return_logprobs,
         num_logprobs=msg.num_logprobs,
+        logit_bias=logit_bias_pairs(msg.logit_bias),
     )
 
 
 def sampling_to_pb(params: SamplingParams) -> pb.SamplingParams:
-    return pb.SamplingParams(**vars(params))  # the dataclass's fields are the message's, by name
+    # The dataclass's fields are the message's, by name; the bias pairs become the message's map.
+    return pb.SamplingParams(**(vars(params) | {"logit_bias": dict(params.logit_bias)}))
 
 
 def step_from_pb(msg: pb.StepRequest) -> StepInput:

@@ -206,7 +206,10 @@ BAD_COMPLETIONS = [
     ("prompt", {"prompt": ["one", "two"]}),
     ("prompt", {"prompt": [5, 99999]}),
     ("model", {"model": "gpt-4"}),
-    ("n", {"n": 2}),
+    ("n", {"n": 17}),
+    ("n", {"n": 0}),
+    ("best_of", {"best_of": 2}),
+    ("best_of", {"n": 2, "best_of": 3}),
     ("logprobs", {"logprobs": 50}),
     ("stop", {"stop": [""]}),
     ("temperature", {"extra_body": {"temperature": "hot"}}),
@@ -237,7 +240,7 @@ BAD_CHATS = [
     ("top_logprobs", {"top_logprobs": 2}),
     ("max_completion_tokens", {"max_completion_tokens": 0}),
     ("temperature", {"temperature": -1}),
-    ("n", {"n": 3}),
+    ("n", {"n": 17}),
 ]
 
 

@@ -60,7 +60,7 @@ def test_equal_requests_make_equal_keys_and_int_zero_is_float_zero() -> None:
 SAMPLING_CHANGES = {
     "max_tokens": 9, "temperature": 0.5, "top_k": 5, "top_p": 0.9, "min_p": 0.1, "repetition_penalty": 1.1,
     "presence_penalty": 0.5, "frequency_penalty": -0.5, "seed": 7, "stop": ("x",), "stop_token_ids": (2,),
-    "ignore_eos": True, "logprobs": 2,
+    "ignore_eos": True, "logprobs": 2, "logit_bias": ((5, 1.5),),
 }
 
 
