@@ -30,6 +30,8 @@ from services.worker.sampler import SampledToken, SamplingRow
 
 def draft_rows(row: SamplingRow, draft_token_ids: Sequence[int]) -> list[SamplingRow]:
     """The request's k+1 sampling rows: after its last token, then after each draft in turn."""
+    if not draft_token_ids:
+        return [row]  # the common case: no copy of a long output
     outputs = list(row.output_token_ids)
     return [SamplingRow(row.params, row.prompt_token_ids, outputs + list(draft_token_ids[:j]))
             for j in range(len(draft_token_ids) + 1)]

@@ -4,10 +4,14 @@ rollbacks and block frees, against the fake deterministic worker (which verifies
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
+from prometheus_client import REGISTRY
 
+from services.scheduler import metrics
 from services.scheduler.batcher import RequestOutput
+from services.scheduler.plan import ScheduledCached, StepPlan
 from services.scheduler.request import FinishReason, RequestStatus
 from services.scheduler.speculation import NgramProposer
 from shared.errors import InvalidArgument
@@ -151,16 +155,18 @@ def test_drafts_never_go_past_max_tokens_or_max_model_len() -> None:
 
 def test_drafts_take_spare_blocks_only_and_never_preempt() -> None:
     batcher, _ = make_pair(num_blocks=6, block_size=4, num_speculative_tokens=4)
-    a = make_request("a", [9, 9, 9, 1, 2, 3, 4, 5, 6, 8, 1, 2], max_tokens=30)  # 3 blocks
-    b = make_request("b", [8, 8, 8], max_tokens=30)  # 1 block
+    a = make_request("a", [9, 9, 9, 1, 2, 3, 4, 5, 6, 8, 1, 2], max_tokens=8)  # 3 blocks
+    b = make_request("b", [8, 8, 8], max_tokens=8)  # 1 block
     batcher.add(a)
     batcher.add(b)
     plan = batcher.schedule()
     batcher.update(plan, [RequestOutput("a", (3,)), RequestOutput("b", (7,))])
-    plan = batcher.schedule()  # a's plain decode takes the last free block: no room for drafts
-    assert plan.num_preemptions == 0
-    assert {c.request_id: c.draft_token_ids for c in plan.cached_requests} == {"a": (), "b": ()}
-    assert {c.request_id: c.num_scheduled_tokens for c in plan.cached_requests} == {"a": 1, "b": 1}
+    # a's plain decode (position 12) takes the last free block; its drafts (4, 5, 6, 8) get only the
+    # three slots left in that block, and nobody is preempted for them.
+    plan = batcher.schedule()
+    assert plan.num_preemptions == 0 and batcher.block_manager.num_blocks_free == 0
+    assert {c.request_id: c.draft_token_ids for c in plan.cached_requests} == {"a": (4, 5, 6), "b": ()}
+    assert {c.request_id: c.num_scheduled_tokens for c in plan.cached_requests} == {"a": 4, "b": 1}
 
 
 def test_with_speculation_a_decode_is_never_planned_ahead() -> None:
@@ -174,3 +180,14 @@ def test_with_speculation_a_decode_is_never_planned_ahead() -> None:
     events = [e for batch in lookahead_steps(batcher, worker) for e in batch]
     assert request.output_token_ids == greedy_tokens(request.prompt_token_ids, max_tokens=9)[0]
     assert sum(len(e.token_ids) for e in events) == 8 and worker.num_accepted_tokens >= 1
+
+
+def test_metrics_count_drafts_sent_and_kept() -> None:
+    loop, labels = SimpleNamespace(pool="p", address="w-spec"), {"pool": "p", "worker": "w-spec"}
+    plan = StepPlan(1, (), (ScheduledCached("a", (), 9, 5, draft_token_ids=(1, 2, 3, 4)),
+                            ScheduledCached("b", (), 9, 3, draft_token_ids=(5, 6)),
+                            ScheduledCached("c", (), 9, 1)), ())
+    metrics.observe_drafts(loop, plan, [RequestOutput("a", (1, 2, 7)), RequestOutput("b", (8,)),
+                                        RequestOutput("c", (4,))])
+    assert REGISTRY.get_sample_value("switchyard_spec_decode_draft_tokens_total", labels) == 6
+    assert REGISTRY.get_sample_value("switchyard_spec_decode_accepted_tokens_total", labels) == 2
