@@ -326,7 +326,8 @@ class Batcher:
         num_placeholders = request.num_output_placeholders
         if num_placeholders and (
                 not lookahead
-                or self.speculation is not None  # its next position may depend on drafts (speculation.py)
+                or request.num_draft_tokens  # its step ends at one of k+1 positions (speculation.py)
+                or (self.speculation is not None and self.speculation.may_draft_next(request))
                 or len(request.output_token_ids) + num_placeholders >= request.max_tokens
                 or request.num_tokens + num_placeholders >= self.max_model_len):
             return 0  # waits for the step in flight, or the token in flight is its last

@@ -17,10 +17,11 @@ exactly as without speculation. The search is `bytes.rfind` over the ids packed 
 no per-request index to keep in step with preemption, moves and aborts.
 
 A request with drafts in flight is never planned ahead (async scheduling): its step ends at any
-of k+1 lengths, so the position of its next input is known only from the reply. With speculation
-on, a decoding request is therefore never decoded ahead at all (`Batcher._num_wanted`): once one
-is, it always has a token in flight when the next plan is made and would never get drafts again.
-Prompt chunks and admissions still overlap the worker's compute.
+of k+1 lengths, so the position of its next input is known only from the reply. Nor is a decode
+that might get drafts next (`may_draft_next`, asked by `Batcher._num_wanted`): once decoded ahead,
+a request has a token in flight whenever its next step is planned, and would never get drafts
+again. A request whose last token occurs nowhere earlier cannot match any n-gram in its next step,
+so it keeps async scheduling's overlap, as do prompt chunks and admissions.
 
 Knobs (constructor arguments): `num_speculative_tokens` (k, the most drafts per step), `min_n` and
 `max_n` (the n-gram lengths tried; below 2 single tokens match too often to be worth verifying).
@@ -72,6 +73,21 @@ class NgramProposer:
                 return tuple(token_ids[start:start + k])
         return ()
 
+    def may_match_next(self, token_ids: Sequence[int]) -> bool:
+        """Whether an n-gram ending in one more, unknown token could match at the next step: its
+        known part, the last `min_n - 1` tokens, occurs earlier than at the very end."""
+        if self.min_n <= 1:
+            return True
+        num_known = self.min_n - 1
+        if len(token_ids) <= num_known:
+            return False
+        data = array("i", token_ids).tobytes()
+        pattern = data[-num_known * _ID_BYTES:]
+        pos = data.rfind(pattern, 0, (len(token_ids) - 1) * _ID_BYTES)
+        while pos > 0 and pos % _ID_BYTES:
+            pos = data.rfind(pattern, 0, pos + len(pattern) - 1)
+        return pos >= 0 and pos % _ID_BYTES == 0
+
 
 class Speculation:
     """The Batcher's drafts: added to a planned step, settled when its reply comes. Counts drafts
@@ -113,6 +129,10 @@ class Speculation:
             request.num_draft_tokens = len(drafts)
             budget -= len(drafts)
         return budget
+
+    def may_draft_next(self, request: Request) -> bool:
+        """Whether the request's next decode might get drafts, its step in flight not answered yet."""
+        return self.proposer.may_match_next(request.all_token_ids)
 
     def settle(self, request: Request, entry: ScheduledCached, output: RequestOutput) -> None:
         """The reply to a step with drafts: the computed count drops to the accepted tokens (the

@@ -169,7 +169,28 @@ def test_drafts_take_spare_blocks_only_and_never_preempt() -> None:
     assert {c.request_id: c.num_scheduled_tokens for c in plan.cached_requests} == {"a": 4, "b": 1}
 
 
-def test_with_speculation_a_decode_is_never_planned_ahead() -> None:
+def test_may_match_next_needs_the_last_token_earlier() -> None:
+    proposer = NgramProposer(4)
+    assert proposer.may_match_next([1, 2, 3, 2])  # [2, ?] may match [2, 3]
+    assert not proposer.may_match_next([1, 2, 3, 4])
+    assert not proposer.may_match_next([256, 65536, 7, 0])  # 0 0 0 0 straddling 256 and 65536 does not count
+    assert NgramProposer(4, min_n=3).may_match_next([1, 2, 9, 1, 2])
+    assert not NgramProposer(4, min_n=3).may_match_next([1, 2, 9, 2, 1])
+
+
+def test_a_decode_that_cannot_get_drafts_is_still_planned_ahead() -> None:
+    batcher, worker = make_pair(num_speculative_tokens=4)
+    request = make_request("r", [1, 2, 3, 4, 5], max_tokens=9)  # 5 occurs once: no n-gram can match next
+    batcher.add(request)
+    first = batcher.schedule()
+    outputs = worker.execute(first)
+    [entry] = batcher.schedule(lookahead=True).cached_requests
+    assert (entry.num_computed_tokens, entry.num_scheduled_tokens, entry.draft_token_ids) == (5, 1, ())
+    assert request.num_output_placeholders == 2
+    batcher.update(first, outputs)
+
+
+def test_with_speculation_a_decode_that_may_get_drafts_is_not_planned_ahead() -> None:
     batcher, worker = make_pair(num_speculative_tokens=4)
     request = make_request("r", grounded_prompt(2, seed=1), max_tokens=9)
     batcher.add(request)
