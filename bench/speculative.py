@@ -6,8 +6,10 @@ for). Two workloads, each replayed on a stack without speculation and on one wit
 `--speculative ngram --num-speculative-tokens 4`:
 - `grounded`: chat prompts asking to repeat a given paragraph, with max_tokens about the
   paragraph's length, so the output copies the input and prompt lookup has something to find;
-- `random`: prompts of random token ids, where drafts find little to copy (whatever the output
-  repeats of itself is still proposed: that is the honest no-match case).
+- `random`: prompts of random token ids: nothing in the prompt to copy, but greedy output of a
+  small model often repeats itself, and prompt lookup finds that too (on SmolLM2-135M most drafts
+  were kept: this is not a workload where nothing is accepted, which greedy decoding of this model
+  does not readily give).
 Greedy and ignore_eos as in every scenario, so each run computes the same tokens. Each run
 records output throughput and, from the scheduler's counters, drafts proposed and accepted.
 Targets: grounded speed-up >= 1.5x; random >= 0.95x (no loss beyond this machine's noise).
@@ -84,7 +86,7 @@ def speculative(o: Options, r: ScenarioResult) -> None:
     grounded = r.ratio("grounded ngram/plain", "grounded_ngram", "grounded_plain")
     unmatched = r.ratio("random ngram/plain", "random_ngram", "random_plain")
     r.target("single-stream speed-up, input-grounded (repeat a text)", grounded, ">=", 1.5, "x")
-    r.target("single-stream speed, nothing to copy (random prompts)", unmatched, ">=", 0.95, "x")
+    r.target("single-stream speed, random prompts (nothing in the prompt to copy)", unmatched, ">=", 0.95, "x")
 
 
 SCENARIOS: dict[str, tuple[Callable[[Options, ScenarioResult], None], str]] = {
