@@ -64,13 +64,9 @@ class NgramProposer:
         # An earlier occurrence must end before the last token, so at least one token follows it.
         search_end = (num_tokens - 1) * _ID_BYTES
         for n in range(min(self.max_n, num_tokens - 1), self.min_n - 1, -1):
-            pattern = data[-n * _ID_BYTES:]
-            pos = data.rfind(pattern, 0, search_end)
-            while pos > 0 and pos % _ID_BYTES:  # matched across id boundaries: look further back
-                pos = data.rfind(pattern, 0, pos + len(pattern) - 1)
-            if pos >= 0 and pos % _ID_BYTES == 0:
-                start = pos // _ID_BYTES + n
-                return tuple(token_ids[start:start + k])
+            index = _rfind_ids(data, data[-n * _ID_BYTES:], search_end)
+            if index >= 0:
+                return tuple(token_ids[index + n:index + n + k])
         return ()
 
     def may_match_next(self, token_ids: Sequence[int]) -> bool:
@@ -82,11 +78,15 @@ class NgramProposer:
         if len(token_ids) <= num_known:
             return False
         data = array("i", token_ids).tobytes()
-        pattern = data[-num_known * _ID_BYTES:]
-        pos = data.rfind(pattern, 0, (len(token_ids) - 1) * _ID_BYTES)
-        while pos > 0 and pos % _ID_BYTES:
-            pos = data.rfind(pattern, 0, pos + len(pattern) - 1)
-        return pos >= 0 and pos % _ID_BYTES == 0
+        return _rfind_ids(data, data[-num_known * _ID_BYTES:], (len(token_ids) - 1) * _ID_BYTES) >= 0
+
+
+def _rfind_ids(data: bytes, pattern: bytes, end: int) -> int:
+    """Index (in ids) of the last occurrence of `pattern` within `data[:end]`, both packed ids; -1 if none."""
+    pos = data.rfind(pattern, 0, end)
+    while pos > 0 and pos % _ID_BYTES:  # matched across id boundaries: look further back
+        pos = data.rfind(pattern, 0, pos + len(pattern) - 1)
+    return pos // _ID_BYTES if pos >= 0 and pos % _ID_BYTES == 0 else -1
 
 
 class Speculation:
