@@ -49,6 +49,7 @@ Knobs (constructor arguments; nothing is read from the environment):
 - `max_num_seqs` (default 128) — most requests running (holding blocks on the worker) at once.
 - `batch_wait_ms` (default 0) — how long an idle worker's first step may wait for company
   (`hold_until_s`; the rule is in batch_wait.py). 0 never waits.
+- `proposer` (default None: off) — prompt-lookup speculative decoding (speculation.py).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from services.scheduler.plan import (
     StepPlan,
 )
 from services.scheduler.request import ErrorKind, FinishReason, Request, RequestError, RequestStatus
+from services.scheduler.speculation import NgramProposer, Speculation
 from shared.errors import InvalidArgument
 
 __all__ = [
@@ -99,6 +101,7 @@ class Batcher:
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 128,
         batch_wait_ms: float = 0.0,
+        proposer: NgramProposer | None = None,
     ) -> None:
         for name, value, low in (("max_model_len", max_model_len, 2),
                                  ("max_num_batched_tokens", max_num_batched_tokens, 1),
@@ -111,6 +114,7 @@ class Batcher:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.batch_wait = BatchWait(batch_wait_ms)
+        self.speculation = Speculation(proposer, block_manager, max_model_len) if proposer is not None else None
         self._requests: dict[str, Request] = {}  # every live request, waiting or running
         self._keys: dict[str, _OrderKey] = {}
         self._waiting: list[tuple[_OrderKey, str]] = []  # sorted; small enough that bisect beats a heap
@@ -213,7 +217,7 @@ class Batcher:
         request.status = RequestStatus.WAITING
         request.finish_reason = None
         request.num_computed_tokens = 0
-        request.num_output_placeholders = 0  # tokens in flight on a worker it left are not coming
+        request.num_output_placeholders = request.num_draft_tokens = 0  # in flight on a worker it left: lost
         self._requests[rid] = request
         self._keys[rid] = (-request.priority, request.arrival_s, self._next_seq)
         self._next_seq += 1
@@ -313,6 +317,8 @@ class Batcher:
         # After a preemption the pool is known to be short; admitting now would only thrash.
         if not num_preemptions and not self.short_of_blocks:
             budget = self._admit(budget, scheduled)
+            if self.speculation is not None:  # last: drafts take only budget and blocks nobody else wants
+                self.speculation.add_drafts(scheduled, budget)
         return self._make_plan(scheduled, num_preemptions)
 
     def _num_wanted(self, request: Request, lookahead: bool) -> int:
@@ -320,6 +326,8 @@ class Batcher:
         num_placeholders = request.num_output_placeholders
         if num_placeholders and (
                 not lookahead
+                or request.num_draft_tokens  # its step ends at one of k+1 positions (speculation.py)
+                or (self.speculation is not None and self.speculation.may_draft_next(request))
                 or len(request.output_token_ids) + num_placeholders >= request.max_tokens
                 or request.num_tokens + num_placeholders >= self.max_model_len):
             return 0  # waits for the step in flight, or the token in flight is its last
@@ -403,7 +411,7 @@ class Batcher:
         self._done_computing(rid)
         victim.status = RequestStatus.WAITING
         victim.num_computed_tokens = 0
-        victim.num_output_placeholders = 0  # preemption happens only with no step in flight
+        victim.num_output_placeholders = victim.num_draft_tokens = 0  # preempted only with no step in flight
         victim.num_preemptions += 1
         bisect.insort(self._waiting, (self._keys[rid], rid))
         return entry.num_scheduled_tokens if entry is not None else 0
@@ -431,6 +439,8 @@ class Batcher:
                 self._release(request, FinishReason.ABORT)
                 events.append(RequestEvent(rid, (), (), FinishReason.ABORT, NO_TOKEN_ERROR))
                 continue
+            if request.num_draft_tokens and self.speculation:
+                self.speculation.settle(request, entry, output)
             events.append(self._append(request, output))
         return events
 

@@ -214,6 +214,16 @@ class BlockManager(TierCounts):
         for block_id in reversed(table.block_ids):
             self._pool.free(block_id)
 
+    def free_tail(self, request_id: str, num_tokens: int) -> None:
+        """Drops the request's blocks past its first `num_tokens` tokens, last first: the slots of
+        rejected draft tokens (speculative decoding). The worker trims its table by the same rule."""
+        table = self._tables.get(request_id)
+        if table is None:
+            return
+        num_kept = -(-num_tokens // self.block_size)  # published blocks lie within num_tokens
+        while len(table.block_ids) > num_kept:
+            self._pool.free(table.block_ids.pop())
+
     def reset(self) -> None:
         """Forgets every table, ref and index entry: the worker restarted with an empty KV pool."""
         self._tables.clear()

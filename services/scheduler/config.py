@@ -23,6 +23,7 @@ from services.scheduler.canary import RollbackPolicy
 from services.scheduler.eviction import DEFAULT_EVICTION, EVICTION_POLICIES
 from services.scheduler.fleet import FleetConfig
 from services.scheduler.router import PoolConfig
+from services.scheduler.speculation import SPECULATIVE_METHODS
 from shared.errors import InvalidArgument
 from shared.config import ConfigError, env_float, env_int, env_list, env_str
 from shared.tls import TlsConfig, add_tls_arguments, tls_from_args
@@ -122,6 +123,14 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
                    default=env_str("SWITCHYARD_ASYNC_SCHEDULING", "on") not in ("off", "0", "false", "no"),
                    help="plan each worker's next step while it computes the current one; costs one "
                         "wasted token per request that stops on a sampled token [SWITCHYARD_ASYNC_SCHEDULING=on|off]")
+    p.add_argument("--speculative", default=env_str("SWITCHYARD_SPECULATIVE", "none"), choices=SPECULATIVE_METHODS,
+                   help="speculative decoding: 'ngram' proposes draft tokens by prompt lookup (the request's "
+                        "own earlier tokens) and the worker verifies them in one pass; pays off where output "
+                        "copies input (rewrite, summarise, extract) [SWITCHYARD_SPECULATIVE=none|ngram]")
+    p.add_argument("--num-speculative-tokens", type=int,
+                   default=env_int("SWITCHYARD_NUM_SPECULATIVE_TOKENS", 4, min_value=1),
+                   help="most draft tokens per decode step with --speculative ngram "
+                        "[SWITCHYARD_NUM_SPECULATIVE_TOKENS]")
     p.add_argument("--load-weight", type=float, default=env_float("SWITCHYARD_ROUTER_LOAD_WEIGHT", 1.0))
     p.add_argument("--decode-cost-tokens", type=float, default=env_float("SWITCHYARD_ROUTER_DECODE_COST_TOKENS", 8.0))
     p.add_argument("--host-hit-cost", type=float, default=env_float("SWITCHYARD_ROUTER_HOST_HIT_COST", 0.1),
@@ -199,6 +208,11 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
                         ("--host-hit-cost", a.host_hit_cost)):
         if not math.isfinite(value) or value < 0:  # the router would refuse it only when built
             raise ConfigError(f"{flag}: must be a finite number >= 0, got {value!r}")
+    if a.speculative not in SPECULATIVE_METHODS:  # argparse checks choices on the command line only
+        raise ConfigError(f"--speculative / SWITCHYARD_SPECULATIVE: must be one of {', '.join(SPECULATIVE_METHODS)}, "
+                          f"got {a.speculative!r}")
+    if a.num_speculative_tokens < 1:
+        raise ConfigError(f"--num-speculative-tokens: must be >= 1, got {a.num_speculative_tokens}")
     if a.kv_eviction not in EVICTION_POLICIES:
         # argparse checks `choices` on the command line only, never a default taken from the environment.
         raise ConfigError(f"--kv-eviction / SWITCHYARD_KV_EVICTION: must be one of {', '.join(EVICTION_POLICIES)}, "
@@ -217,7 +231,8 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
         pools=pools, max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
         batch_wait_ms=a.batch_wait_ms,
         max_waiting_requests=a.max_waiting_requests, step_timeout_s=a.step_timeout_s,
-        async_scheduling=a.async_scheduling, load_weight=a.load_weight, decode_cost_tokens=a.decode_cost_tokens,
+        async_scheduling=a.async_scheduling,
+        num_speculative_tokens=a.num_speculative_tokens if a.speculative == "ngram" else 0, load_weight=a.load_weight, decode_cost_tokens=a.decode_cost_tokens,
         host_hit_cost=a.host_hit_cost, routing=a.routing,
         tls=tls_from_args(a), rollback=rollback, discovery_interval_s=a.discovery_interval_s,
         kv_eviction=a.kv_eviction, autoscale=autoscale,

@@ -40,6 +40,7 @@ class FleetConfig:
     max_waiting_requests: int = 1024  # across the fleet; beyond it new requests get RESOURCE_EXHAUSTED
     step_timeout_s: float = 60.0
     async_scheduling: bool = True  # plan step N+1 while the worker computes step N
+    num_speculative_tokens: int = 0  # prompt-lookup draft tokens per decode step (speculation.py); 0: off
     probe_interval_s: float = 1.0
     load_weight: float = 1.0
     decode_cost_tokens: float = 8.0
@@ -121,6 +122,7 @@ class Fleet:
             step_timeout_s=config.step_timeout_s, probe_interval_s=config.probe_interval_s, clock=self._clock,
             tls=config.tls, async_scheduling=config.async_scheduling, batch_wait_ms=config.batch_wait_ms,
             kv_eviction=config.kv_eviction, scheduler_epoch=config.scheduler_epoch,
+            num_speculative_tokens=config.num_speculative_tokens,
             on_fenced=lambda reason: self.on_fenced(reason),
         )
 

@@ -25,7 +25,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.scheduler.autoscale import AutoscalePolicy, PoolLoad, WorkerSample, desired_workers
 from services.scheduler.batcher import Batcher
 from services.scheduler.canary import Rollback, RollbackGuard
-from services.scheduler.plan import RequestEvent, StepPlan
+from services.scheduler.plan import RequestEvent, RequestOutput, StepPlan
 from services.scheduler.request import Request, RequestError
 from services.scheduler.router import Router, RoutingDecision
 from shared.telemetry import LATENCY_BUCKETS_S
@@ -90,6 +90,11 @@ PREFIX_CACHE_HITS = Counter(
     "Prompt tokens served from the prefix cache at first placement, by the tier that held them "
     "(device: the KV pool attention reads; host: copied up from the host tier).", (*_LABELS, "tier"))
 PREEMPTIONS = Counter("switchyard_preemptions_total", "Running requests sent back to the queue.", _LABELS)
+SPEC_DRAFT_TOKENS = Counter(
+    "switchyard_spec_decode_draft_tokens_total", "Draft tokens (speculative decoding) the worker verified.", _LABELS)
+SPEC_ACCEPTED_TOKENS = Counter(
+    "switchyard_spec_decode_accepted_tokens_total",
+    "Draft tokens the worker kept: tokens its steps returned beyond one per decode.", _LABELS)
 PROMPT_TOKENS = Counter("switchyard_prompt_tokens_total", "Prompt tokens of finished requests.", _LABELS)
 GENERATION_TOKENS = Counter("switchyard_generation_tokens_total", "Tokens delivered to clients.", _LABELS)
 REQUESTS = Counter(
@@ -238,6 +243,17 @@ def observe_schedule(loop: WorkerLoop, plan: StepPlan, now_s: float) -> None:
         PREFIX_CACHE_HITS.labels(*labels, "device").inc(scheduled.num_computed_tokens - request.num_host_cached_tokens)
         if request.num_host_cached_tokens:
             PREFIX_CACHE_HITS.labels(*labels, "host").inc(request.num_host_cached_tokens)
+
+
+def observe_drafts(loop: WorkerLoop, plan: StepPlan, outputs: list[RequestOutput]) -> None:
+    """A step's drafts sent and kept (a reply holds the kept drafts and one more token)."""
+    drafted = {c.request_id: len(c.draft_token_ids) for c in plan.cached_requests if c.draft_token_ids}
+    if not drafted:
+        return
+    num_accepted = sum(min(max(len(o.token_ids) - 1, 0), drafted[o.request_id])
+                       for o in outputs if o.request_id in drafted)
+    SPEC_DRAFT_TOKENS.labels(loop.pool, loop.address).inc(sum(drafted.values()))
+    SPEC_ACCEPTED_TOKENS.labels(loop.pool, loop.address).inc(num_accepted)
 
 
 def observe_worker_down(loop: WorkerLoop) -> None:

@@ -39,6 +39,9 @@ class ScheduledCached:
     # The live object, so a reply is applied to the request that was planned and not to a later
     # one that reused its id while the step was in flight.
     request: Request | None = field(default=None, compare=False, repr=False)
+    # Speculative decoding: guessed tokens after the request's last one, counted in
+    # num_scheduled_tokens (speculation.py); the reply holds the accepted ones and one more.
+    draft_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,9 @@ class Request:
     # Tokens the worker will have sampled in steps planned but not yet answered (async scheduling):
     # a decode planned ahead inputs a token only the worker knows yet.
     num_output_placeholders: int = 0
+    # Draft tokens in the step in flight (speculative decoding): planned as computed, and rolled
+    # back to the accepted ones when the reply comes.
+    num_draft_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the FIRST placement (usage)
     num_host_cached_tokens: int = 0  # of those, the ones copied up from the host tier (L2)
     status: RequestStatus = RequestStatus.WAITING

@@ -125,6 +125,7 @@ def plan_to_pb(plan: StepPlan, scheduler_epoch: int = 0) -> worker_pb.StepReques
             worker_pb.CachedRequest(
                 request_id=c.request_id, new_block_ids=c.new_block_ids,
                 num_scheduled_tokens=c.num_scheduled_tokens, num_computed_tokens=c.num_computed_tokens,
+                draft_token_ids=c.draft_token_ids,
             )
             for c in plan.cached_requests
         ],

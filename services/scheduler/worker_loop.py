@@ -23,6 +23,7 @@ from services.scheduler.batcher import Batcher, RequestEvent, RequestOutput, Ste
 from services.scheduler.block_manager import BlockManager
 from services.scheduler.eviction import DEFAULT_EVICTION
 from services.scheduler.request import Request
+from services.scheduler.speculation import NgramProposer
 from services.scheduler.worker_spec import WorkerSpec
 from shared.channel import open_channel
 from shared.tls import TlsConfig
@@ -57,6 +58,7 @@ class WorkerLoop:
         kv_eviction: str = DEFAULT_EVICTION,
         scheduler_epoch: int = 0,
         on_fenced: Callable[[str], None] = lambda reason: None,
+        num_speculative_tokens: int = 0,
     ) -> None:
         self.address = address
         self.pool = pool
@@ -78,6 +80,7 @@ class WorkerLoop:
         self._max_num_batched_tokens = max_num_batched_tokens
         self._max_num_seqs = max_num_seqs
         self._batch_wait_ms = batch_wait_ms
+        self._num_speculative_tokens = num_speculative_tokens  # 0: no speculative decoding
         self._step_timeout_s = step_timeout_s
         self._probe_interval_s = probe_interval_s
         self._clock = clock
@@ -177,6 +180,7 @@ class WorkerLoop:
                 manager, max_model_len=self.spec.max_model_len, eos_token_ids=self.spec.eos_token_ids,
                 max_num_batched_tokens=self._max_num_batched_tokens, max_num_seqs=self._max_num_seqs,
                 batch_wait_ms=self._batch_wait_ms,
+                proposer=NgramProposer(self._num_speculative_tokens) if self._num_speculative_tokens else None,
             )
             self.up = True
             logger.info("worker %s (pool %s) up: %s %s, %d blocks, %d host blocks", self.address, self.pool,
@@ -228,7 +232,9 @@ class WorkerLoop:
                 held = self._hand_over(held)
                 outputs, draining = await self._read_reply(self._steps)
                 self.num_steps += 1
-                held = batcher.update(in_flight.popleft(), outputs)
+                answered = in_flight.popleft()
+                metrics.observe_drafts(self, answered, outputs)
+                held = batcher.update(answered, outputs)
                 self.num_steps_in_flight = len(in_flight)
                 if draining and self.up:
                     self._leave_pool(batcher)

@@ -17,6 +17,7 @@ import torch
 from services.worker.kernels import build_metadata
 from services.worker.model_runner import ModelRunner
 from services.worker.sampler import Sampler, SamplingParams, SamplingRow
+from services.worker.speculation import accepted, draft_rows
 from services.worker.step import RequestResult, StepInput, StepResult, TokenLogprobs
 from shared.errors import InvalidArgument
 
@@ -35,6 +36,8 @@ class RequestState:
     # Its last sampling failed. The scheduler ends it when that reply arrives, but with async
     # scheduling a step planned before then may still schedule it: such a step skips it.
     failed: bool = False
+    # This step's guessed tokens after the last one (speculative decoding); never kept past the step.
+    draft_token_ids: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -105,10 +108,19 @@ class Executor:
                 raise InvalidArgument(
                     f"{field_name}.num_computed_tokens: scheduler says {cached.num_computed_tokens}, "
                     f"worker has {old.num_computed_tokens}", field=field_name)
+            drafts = tuple(cached.draft_token_ids)
+            if drafts and (any(t < 0 or t >= vocab_size for t in drafts)
+                           or old.num_computed_tokens + cached.num_scheduled_tokens != old.num_tokens + len(drafts)):
+                # Drafts are verified against logits after the request's last token, so a step with
+                # drafts must compute exactly that token and all of them.
+                raise InvalidArgument(
+                    f"{field_name}.draft_token_ids: {len(drafts)} drafts need ids in [0, {vocab_size}) and "
+                    f"num_scheduled_tokens {old.num_tokens + len(drafts) - old.num_computed_tokens}, "
+                    f"got {cached.num_scheduled_tokens}", field=field_name)
             staged[cached.request_id] = RequestState(
                 old.request_id, old.prompt_token_ids, old.output_token_ids, old.sampling,
                 old.block_ids + list(cached.new_block_ids), old.num_computed_tokens,
-                cached.num_scheduled_tokens, old.token_ids, old.trace_context,
+                cached.num_scheduled_tokens, old.token_ids, old.trace_context, draft_token_ids=drafts,
             )
         for state in staged.values():
             self._check_schedulable(state)
@@ -141,7 +153,7 @@ class Executor:
         end = state.num_computed_tokens + state.num_scheduled_tokens
         if state.num_scheduled_tokens < 0 or state.num_computed_tokens < 0:
             raise InvalidArgument(f"{field_name}.num_scheduled_tokens: negative counts", field=field_name)
-        if end > state.num_tokens:
+        if end > state.num_tokens + len(state.draft_token_ids):
             raise InvalidArgument(
                 f"{field_name}.num_scheduled_tokens: would compute up to token {end} "
                 f"but the request has {state.num_tokens}", field=field_name)
@@ -161,10 +173,12 @@ class Executor:
         sampling_reqs: list[RequestState] = []
         for state in scheduled:
             start, end = state.num_computed_tokens, state.num_computed_tokens + state.num_scheduled_tokens
-            input_ids.extend(state.token_ids[start:end])
+            drafts = state.draft_token_ids
+            input_ids.extend((state.token_ids + list(drafts) if drafts else state.token_ids)[start:end])
             positions.extend(range(start, end))
-            if end == state.num_tokens:  # the prompt (or last sampled token) is complete: sample
-                logits_rows.append(len(input_ids) - 1)
+            if end == state.num_tokens + len(drafts):  # the prompt (or last sampled token) is complete: sample
+                # With drafts: one row after the last token and one after each draft (speculation.py).
+                logits_rows.extend(range(len(input_ids) - 1 - len(drafts), len(input_ids)))
                 sampling_reqs.append(state)
         device = self.runner.device
         meta = build_metadata(
@@ -185,17 +199,35 @@ class Executor:
             state.num_scheduled_tokens = 0
         if not sampling_reqs:
             return []
-        rows = [SamplingRow(s.sampling, s.prompt_token_ids, s.output_token_ids) for s in sampling_reqs]
+        rows = [r for s in sampling_reqs
+                for r in draft_rows(SamplingRow(s.sampling, s.prompt_token_ids, s.output_token_ids), s.draft_token_ids)]
+        sampled_rows = self.sampler.sample(logits, rows)
         results = []
-        for state, sampled in zip(sampling_reqs, self.sampler.sample(logits, rows)):
-            if sampled.error:
+        offset = 0
+        for state in sampling_reqs:
+            drafts = state.draft_token_ids
+            samples = sampled_rows[offset:offset + len(drafts) + 1]
+            offset += len(drafts) + 1
+            kept = accepted(samples, drafts)
+            if not kept:
                 state.failed = True
-                results.append(RequestResult(state.request_id, (), (), sampled.error))
+                results.append(RequestResult(state.request_id, (), (), samples[0].error))
                 continue
-            state.output_token_ids.append(sampled.token_id)
-            state.token_ids.append(sampled.token_id)
-            logprobs = ()
-            if sampled.logprob is not None:
-                logprobs = (TokenLogprobs(sampled.logprob, sampled.top_token_ids, sampled.top_logprobs),)
-            results.append(RequestResult(state.request_id, (sampled.token_id,), logprobs))
+            if drafts:
+                self._settle_drafts(state, len(kept))
+            token_ids = tuple(t.token_id for t in kept)
+            state.output_token_ids.extend(token_ids)
+            state.token_ids.extend(token_ids)
+            logprobs = tuple(TokenLogprobs(t.logprob, t.top_token_ids, t.top_logprobs)
+                             for t in kept if t.logprob is not None)
+            results.append(RequestResult(state.request_id, token_ids, logprobs))
         return results
+
+    def _settle_drafts(self, state: RequestState, num_kept: int) -> None:
+        """After a step with drafts, the K/V that counts is up to the last kept token's input
+        (its own K/V is written by the next step); rejected drafts' slots are rewritten then. The
+        blocks past it leave the table: the scheduler frees them by the same rule (cdiv of the
+        computed count), so the two tables stay equal."""
+        state.num_computed_tokens = state.num_tokens - 1 + num_kept
+        del state.block_ids[-(-state.num_computed_tokens // self.runner.block_size):]
+        state.draft_token_ids = ()

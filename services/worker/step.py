@@ -29,6 +29,9 @@ class CachedRequestData:
     new_block_ids: tuple[int, ...]
     num_scheduled_tokens: int
     num_computed_tokens: int | None = None  # the scheduler's view, checked when given
+    # Speculative decoding: guessed tokens after the request's last one, counted in
+    # num_scheduled_tokens; the worker keeps those its sampling agrees with (speculation.py).
+    draft_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ def step_from_pb(msg: pb.StepRequest) -> StepInput:
                 new_block_ids=tuple(r.new_block_ids),
                 num_scheduled_tokens=r.num_scheduled_tokens,
                 num_computed_tokens=r.num_computed_tokens,
+                draft_token_ids=tuple(r.draft_token_ids),
             )
             for r in msg.cached_requests
         ),
@@ -88,6 +89,7 @@ def step_to_pb(step: StepInput) -> pb.StepRequest:
             pb.CachedRequest(
                 request_id=r.request_id, new_block_ids=r.new_block_ids,
                 num_scheduled_tokens=r.num_scheduled_tokens, num_computed_tokens=r.num_computed_tokens or 0,
+                draft_token_ids=r.draft_token_ids,
             )
             for r in step.cached_requests
         ],

@@ -152,3 +152,20 @@ def test_the_tensor_parallel_scenario_runs_whole_and_split(tmp_path: Path, tiny_
     for key, run in scenario["runs"].items():
         assert run["num_completed"] == run["num_requests"] == workload["num_requests"], (key, run["errors"])
     assert scenario["ratios"]["tp2/tp1"] > 0
+
+
+def test_the_speculative_scenario_runs_both_workloads_with_and_without(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`speculative` (letter n) in quick mode: both workloads on a stack without speculation and on
+    one with it; every request completes, and only the runs with speculation verify drafts."""
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--scenarios", "n", "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"bench.run exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    (scenario,) = json.loads((tmp_path / "latest.json").read_text())["scenarios"]
+    assert scenario["name"] == "speculative" and scenario["error"] == ""
+    runs = scenario["runs"]
+    assert set(runs) == {"grounded_plain", "random_plain", "grounded_ngram", "random_ngram"}
+    for key, run in runs.items():
+        assert run["num_completed"] == run["num_requests"] > 0, (key, run["errors"])
+    assert runs["grounded_plain"]["num_draft_tokens"] == runs["random_plain"]["num_draft_tokens"] == 0
+    assert runs["grounded_ngram"]["num_draft_tokens"] > 0
+    assert {"grounded ngram/plain", "random ngram/plain"} <= set(scenario["ratios"])

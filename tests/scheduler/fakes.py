@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from services.scheduler.batcher import Batcher, RequestEvent, RequestOutput, StepPlan
 from services.scheduler.block_manager import BlockManager
 from services.scheduler.request import FinishReason, Request
+from services.scheduler.speculation import NgramProposer
 from shared.sampling_rules import SamplingParams
 
 VOCAB_SIZE = 64
@@ -92,6 +93,8 @@ class FakeWorker:
 
     def reset(self) -> None:
         self.held: dict[str, _Held] = {}
+        self.drafts: dict[str, tuple[int, ...]] = {}  # this step's draft tokens, by request
+        self.num_accepted_tokens = 0  # drafts kept, all steps together
         self.failed: set[str] = set()  # their sampling failed: a step planned ahead skips them
         self.kv: dict[int, list[int | None]] = {}
         self.host_kv: dict[int, list[int | None]] = {}  # the host tier: copies only, never read by attention
@@ -130,11 +133,44 @@ class FakeWorker:
                                 f"worker has {held.num_computed_tokens}")
             held.block_ids.extend(cached.new_block_ids)
             self._check_table(cached.request_id, held)
+            if cached.draft_token_ids:
+                self._take_drafts(cached.request_id, held, cached.draft_token_ids, cached.num_scheduled_tokens)
             scheduled.append((cached.request_id, cached.num_scheduled_tokens))
         if len(self.held) > self.max_num_seqs:
             raise PlanError(f"worker holds {len(self.held)} requests > max_num_seqs {self.max_num_seqs}")
         owners = self._owners()
         return [out for rid, n in scheduled if (out := self._run(rid, n, owners)) is not None]
+
+    def _take_drafts(self, rid: str, held: _Held, drafts: tuple[int, ...], num_scheduled: int) -> None:
+        """Drafts follow the last token for this step only, as in services/worker/executor.py."""
+        if held.num_computed_tokens + num_scheduled != len(held.token_ids) + len(drafts):
+            raise PlanError(f"{rid!r}: {len(drafts)} drafts but {num_scheduled} tokens scheduled after "
+                            f"{held.num_computed_tokens} of {len(held.token_ids)}")
+        self.drafts[rid] = drafts
+        for token_id in drafts:
+            held.token_ids.append(token_id)
+            held.hashes.append(extend_hash(held.hashes[-1], token_id))
+
+    def _verify(self, rid: str, held: _Held) -> RequestOutput:
+        """Greedy verification: keep the model's tokens up to the first that differs from its draft,
+        then drop the rest of the drafts and the blocks past the kept tokens (the executor's rule)."""
+        drafts = self.drafts.pop(rid)
+        base = len(held.token_ids) - len(drafts)  # tokens before the drafts
+        kept: list[int] = []
+        for j in range(len(drafts) + 1):
+            slot = self._slot(held, base - 1 + j)
+            assert slot is not None
+            kept.append(next_token(slot))
+            if j == len(drafts) or kept[-1] != drafts[j]:
+                break
+        self.num_accepted_tokens += len(kept) - 1
+        del held.token_ids[base:], held.hashes[base:]
+        for token_id in kept:
+            held.token_ids.append(token_id)
+            held.hashes.append(extend_hash(held.hashes[-1], token_id))
+        held.num_computed_tokens = base - 1 + len(kept)
+        del held.block_ids[-(-held.num_computed_tokens // self.block_size):]
+        return RequestOutput(rid, tuple(kept))
 
     def _check_header(self, plan: StepPlan) -> None:
         if plan.step_id <= self.last_step_id:
@@ -214,6 +250,8 @@ class FakeWorker:
         if rid in self.fail_request_ids:
             self.failed.add(rid)
             return RequestOutput(rid, (), (), error="sampler failed")
+        if rid in self.drafts:
+            return self._verify(rid, held)
         last = self._slot(held, end - 1)
         assert last is not None
         token_id = next_token(last)
@@ -225,11 +263,13 @@ class FakeWorker:
 def make_pair(num_blocks: int = 64, block_size: int = 4, *, max_model_len: int = 256,
               max_num_batched_tokens: int = 64, max_num_seqs: int = 16, eos_token_ids: Sequence[int] = (),
               enable_prefix_caching: bool = True, num_host_blocks: int = 0,
-              batch_wait_ms: float = 0.0, eviction: str = "lru") -> tuple[Batcher, FakeWorker]:
+              batch_wait_ms: float = 0.0, eviction: str = "lru",
+              num_speculative_tokens: int = 0) -> tuple[Batcher, FakeWorker]:
     manager = BlockManager(num_blocks, block_size, "v1", enable_prefix_caching, num_host_blocks, eviction)
     batcher = Batcher(manager, max_model_len=max_model_len, eos_token_ids=eos_token_ids,
                       max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                      batch_wait_ms=batch_wait_ms)
+                      batch_wait_ms=batch_wait_ms,
+                      proposer=NgramProposer(num_speculative_tokens) if num_speculative_tokens else None)
     worker = FakeWorker(num_blocks, block_size, max_model_len=max_model_len,
                         max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
     return batcher, worker
