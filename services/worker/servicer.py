@@ -55,6 +55,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         # The epoch of the scheduler that owns this worker (its last Reset); steps from any other
         # epoch are refused, so a stale scheduler cannot write into blocks another one assigns.
         self._scheduler_epoch = 0
+        self._num_streams = 0  # Steps streams open: a scheduler that may still finish what it left here
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         worker_pb2_grpc.add_WorkerServicer_to_server(self, server)
@@ -75,8 +76,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def Steps(self, requests: AsyncIterator[pb.StepRequest],
                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepResponse]:
-        async for request in requests:
-            yield await self._step(request)
+        self._num_streams += 1
+        try:
+            async for request in requests:
+                yield await self._step(request)
+        finally:
+            self._num_streams -= 1
+            if self._draining and not self._num_streams:
+                # Its scheduler went away: what it left here can never finish (nobody sends the
+                # steps) nor be adopted (a draining worker refuses Info), so the drain stops waiting.
+                self._emptied.set()
 
     async def _step(self, request: pb.StepRequest) -> pb.StepResponse:
         step = wire.step_from_pb(request)
@@ -117,7 +126,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         """Serves the requests it holds to their end (the server's grace bounds this), then waits
         for the step in flight, so no step is cut in half."""
         self._draining = True
-        if self._executor.requests:
+        if self._executor.requests and self._num_streams:
             await self._emptied.wait()
         async with self._lock:
             pass

@@ -196,6 +196,7 @@ async def test_sigterm_drains_each_service_in_turn(stack) -> None:
     # The last worker, idle, leaves at once; nothing of the stack is left running.
     for p in stack.processes:
         if is_alive(p.pid):
+            print(f"stopping idle {p.name} (pid {p.pid})")  # shown when the wait below fails
             os.kill(p.pid, signal.SIGTERM)
             # Within 90% of the grace: an idle process that waited out its grace would still fail,
             # while interpreter teardown on a machine busy with the rest of the suite has room (a

@@ -133,3 +133,26 @@ def test_worker_process_names_a_missing_model(tmp_path) -> None:
     out = subprocess.run([sys.executable, "-m", "services.worker", "--model", str(tmp_path / "nope"), "--port", "0",
                           "--metrics-port", "0"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "model" in out.stderr and "config.json" in out.stderr
+
+
+async def test_drain_stops_waiting_for_requests_whose_scheduler_went_away(tiny_model_dir) -> None:
+    """A worker drains by finishing what it holds; once the Steps stream that sent it is gone (the
+    scheduler died or left), nobody can finish or adopt those requests, so the drain ends."""
+    runner = ModelRunner(tiny_model_dir, num_blocks=64, block_size=16)
+    servicer = WorkerServicer(Executor(runner), version="v-test")
+    server = GrpcServer(service_name="worker", register=servicer.register, address="127.0.0.1:0", grace_s=5.0)
+    await server.start()
+    try:
+        async with insecure_channel(f"127.0.0.1:{server.bound_port}") as channel:
+            steps = worker_pb2_grpc.WorkerStub(channel).Steps()
+            await steps.write(pb.StepRequest(step_id=1, new_requests=[pb.NewRequest(
+                request_id="held", prompt_token_ids=[1, 2, 3], block_ids=[1], num_scheduled_tokens=3,
+                sampling=pb.SamplingParams(top_p=1.0, repetition_penalty=1.0))]))
+            assert (await steps.read()).step_id == 1
+            draining = asyncio.create_task(servicer.drain())
+            await asyncio.sleep(0.5)
+            assert not draining.done(), "the drain must wait while its scheduler may still finish the request"
+            steps.cancel()  # the scheduler goes away
+            await asyncio.wait_for(draining, 5.0)
+    finally:
+        await server.shutdown()
