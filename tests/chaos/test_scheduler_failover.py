@@ -43,7 +43,7 @@ LONG_PROMPTS = [f"long {i}: " + " ".join(WORDS[(i + j) % len(WORDS)] for j in ra
 def stack_and_config(tiny_model_dir, tmp_path_factory):
     with running_stack(tmp_path_factory.mktemp("failover"), tiny_model_dir, lease_duration_s=2.0,
                        worker_args=("--num-blocks", "512", "--num-threads", "1"),
-                       scheduler_args=("--max-num-batched-tokens", "64", "--max-num-seqs", "24")) as (config, running):
+                       scheduler_args=("--max-num-batched-tokens", "64", "--max-num-seqs", "12")) as (config, running):
         yield running, config
 
 
@@ -75,18 +75,30 @@ async def run_all(api, prompts: list[str], label: str, progress=None, arrivals=N
                                 return_exceptions=True)
 
 
-async def roles(stack) -> dict[str, sched_pb.SchedulerStats]:
-    """Each live scheduler's stats (role, epoch, leader) by process name."""
+async def roles(stack, errors: dict[str, str] | None = None) -> dict[str, sched_pb.SchedulerStats]:
+    """Each live scheduler's stats (role, epoch, leader) by process name; `errors` gets the others'."""
     found = {}
+    errors = {} if errors is None else errors
     for p in load_stack(stack.run_dir).processes:  # as recorded now: restarted ones have new pids
-        if p.kind == "scheduler" and is_alive(p.pid):
-            async with grpc.aio.insecure_channel(p.address) as channel:
-                try:
-                    found[p.name] = await scheduler_pb2_grpc.SchedulerStub(channel).GetStats(
-                        sched_pb.GetStatsRequest(), timeout=2)
-                except grpc.aio.AioRpcError:
-                    pass
+        if p.kind != "scheduler":
+            continue
+        if not is_alive(p.pid):
+            errors[p.name] = f"pid {p.pid} not alive"
+            continue
+        async with grpc.aio.insecure_channel(p.address) as channel:
+            try:
+                found[p.name] = await scheduler_pb2_grpc.SchedulerStub(channel).GetStats(
+                    sched_pb.GetStatsRequest(), timeout=5)
+            except grpc.aio.AioRpcError as e:
+                errors[p.name] = f"{e.code().name}: {e.details()}"
     return found
+
+
+def revive_schedulers(stack, config) -> None:
+    """Restarts any scheduler a test left dead, so each test starts with a leader and a standby."""
+    for p in load_stack(stack.run_dir).processes:
+        if p.kind == "scheduler" and not is_alive(p.pid):
+            restart_process(config, p.name)
 
 
 async def leader(stack, timeout_s: float = 30.0, not_name: str = ""):
@@ -97,7 +109,8 @@ async def leader(stack, timeout_s: float = 30.0, not_name: str = ""):
             if (name != not_name and stats.role == sched_pb.SCHEDULER_ROLE_LEADER
                     and stats.workers and all(w.up for w in stats.workers)):
                 return process(load_stack(stack.run_dir), name), stats
-        assert time.monotonic() < deadline, f"no scheduler leads: {await roles(stack)}"
+        errors: dict[str, str] = {}
+        assert time.monotonic() < deadline, f"no scheduler leads: {await roles(stack, errors)}, {errors}"
         await asyncio.sleep(0.1)
 
 
@@ -158,11 +171,12 @@ async def test_kill_9_leader_under_64_streams_loses_none(stack_and_config, tiny_
 
 async def test_kill_during_prefill_chunked_prefill_and_queue(stack_and_config, tiny_model_dir) -> None:
     stack, config = stack_and_config
-    # 42 short streams fill the 24 slots; the long prompts come after them and wait in the queue.
+    # 42 short streams fill the 24 slots (12 per worker); the long prompts come after them and wait in the queue.
     # The first short stream's end frees slots: the long ones start their chunked prefill (64
     # tokens a step, shared with the decodes) while the rest still wait. The kill lands then.
     prompts = PROMPTS[:42] + LONG_PROMPTS
     long_indices = range(42, len(prompts))
+    revive_schedulers(stack, config)
     async with stubs(stack) as (api, _):
         baseline = await run_all(api, prompts, "prefill-baseline")
         assert all(not isinstance(r, BaseException) for r in baseline), baseline[:3]
@@ -188,9 +202,11 @@ async def test_kill_during_prefill_chunked_prefill_and_queue(stack_and_config, t
 
 
 async def test_paused_leader_is_fenced_when_it_comes_back(stack_and_config, tiny_model_dir) -> None:
-    stack, _ = stack_and_config
+    stack, config = stack_and_config
+    revive_schedulers(stack, config)
     async with stubs(stack) as (api, _):
         baseline = await run_all(api, PROMPTS[:32], "pause-baseline")
+        assert all(not isinstance(r, BaseException) for r in baseline), baseline[:3]
         old, old_stats = await leader(stack)
         progress: dict[int, int] = {}
         tasks = [asyncio.create_task(stream(api, p, i, "pause", progress, {})) for i, p in enumerate(PROMPTS[:32])]
