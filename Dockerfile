@@ -76,8 +76,8 @@ FROM ${BASE_IMAGE} AS runtime
 RUN set -eu; \
     groupadd --system --gid 10001 switchyard; \
     useradd --system --uid 10001 --gid 10001 --home-dir /app --no-create-home --shell /usr/sbin/nologin switchyard; \
-    mkdir -p /app /models; \
-    chown switchyard:switchyard /models
+    mkdir -p /app /models /var/lib/switchyard; \
+    chown switchyard:switchyard /models /var/lib/switchyard
 # Metadata first, the two big COPYs last: every instruction after them would copy the whole image
 # again on a copying storage driver.
 ENV PATH=/opt/venv/bin:$PATH \
