@@ -3,28 +3,17 @@ public gRPC API, down to the worker's sampler, and the refusals of bad ids and v
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 
 import grpc
 import openai
 import pytest
 from switchyard.api.v1 import generation_pb2 as pb
 
-from services.tokenizer.http_api import create_app, serve_http
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 PROMPT = "The quick brown fox"
 CHAT = [{"role": "user", "content": "Say something."}]
-
-
-@pytest.fixture(scope="module")
-async def client(stack) -> AsyncIterator[openai.AsyncOpenAI]:
-    server = await serve_http(create_app(stack.frontend), "127.0.0.1", 0)
-    async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x",
-                                  max_retries=0, timeout=60) as c:
-        yield c
-    await server.stop()
 
 
 async def grpc_run(stack, bias: dict[int, float] | None = None, **sampling) -> tuple[list[int], str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import grpc
@@ -16,22 +15,12 @@ from switchyard.api.v1 import generation_pb2 as pb
 from switchyard.scheduler.v1 import scheduler_pb2 as sched_pb
 
 from services.tokenizer.frontend import sequence_seed
-from services.tokenizer.http_api import create_app, serve_http
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 PROMPT = "The quick brown fox"
 CHAT = [{"role": "user", "content": "Say something."}]
 IGNORE_EOS = {"extra_body": {"ignore_eos": True}}
-
-
-@pytest.fixture(scope="module")
-async def client(stack) -> AsyncIterator[openai.AsyncOpenAI]:
-    server = await serve_http(create_app(stack.frontend), "127.0.0.1", 0)
-    async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x",
-                                  max_retries=0, timeout=60) as c:
-        yield c
-    await server.stop()
 
 
 async def blocks_in_use(stack) -> int:
