@@ -17,6 +17,15 @@ SamplingInput = SamplingFields  # the public SamplingParams, one definition for 
 
 
 @dataclass(frozen=True)
+class ResponseFormat:
+    """What shape the output must have (OpenAI's `response_format`): "text" (free), "json_object"
+    (any JSON object) or "json_schema" (a JSON value valid against `json_schema`, a JSON text)."""
+
+    type: str = "text"
+    json_schema: str = ""
+
+
+@dataclass(frozen=True)
 class GenerateInput:
     request_id: str = ""
     prompt: str | None = None
@@ -30,6 +39,10 @@ class GenerateInput:
     # Set by the front door on each of the n sequences of one request (n > 1), never by a client:
     # the scheduler places a group's requests on one worker, so they share the prompt's blocks.
     sequence_group: str = ""
+    response_format: ResponseFormat | None = None
+    # Set by the front door from response_format (or tools), never by a client: the llguidance
+    # grammar (JSON text) every token must keep the output inside; "" leaves it free.
+    grammar: str = ""
 
 
 @dataclass(frozen=True)
