@@ -8,9 +8,29 @@ from shared.sampling_rules import SamplingFields
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the assistant made earlier in a conversation (OpenAI's `tool_calls[i]`)."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text, as OpenAI carries it
+
+
+@dataclass(frozen=True)
+class FunctionTool:
+    """A function the model may call (OpenAI's `tools[i].function`)."""
+
+    name: str
+    description: str = ""
+    parameters: str = '{"type":"object","properties":{}}'  # JSON schema of the arguments, JSON text
+
+
+@dataclass(frozen=True)
 class ChatMessage:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls (its content may then be "")
+    tool_call_id: str = ""  # a "tool" turn: which call this is the result of
 
 
 SamplingInput = SamplingFields  # the public SamplingParams, one definition for every service
@@ -43,6 +63,8 @@ class GenerateInput:
     # Set by the front door from response_format (or tools), never by a client: the llguidance
     # grammar (JSON text) every token must keep the output inside; "" leaves it free.
     grammar: str = ""
+    # Functions the chat template renders into the prompt (HTTP `tools` unless tool_choice is "none").
+    tools: tuple[FunctionTool, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from services.tokenizer.api_types import (  # re-exported: the HTTP API imports them from here
-    ChatMessage, GenerateChunk, GenerateInput, SamplingInput, TokenLogprob, Usage,
+    ChatMessage, FunctionTool, GenerateChunk, GenerateInput, SamplingInput, TokenLogprob, Usage,
 )
 from services.tokenizer.codec import Codec
 from services.tokenizer import metrics
@@ -62,9 +62,9 @@ class Frontend:
 
     @metrics.timed_tokenize
     def tokenize(self, prompt: str | None = None, messages: Sequence[ChatMessage] | None = None,
-                 add_special_tokens: bool = True) -> list[int]:
+                 add_special_tokens: bool = True, tools: Sequence[FunctionTool] = ()) -> list[int]:
         if messages is not None:
-            return self.codec.encode(self.codec.render_chat([(m.role, m.content) for m in messages]), add_special_tokens)
+            return self.codec.encode(self.codec.render_conversation(messages, tools), add_special_tokens)
         return self.codec.encode(prompt or "", add_special_tokens)
 
     def token_text(self, token_id: int) -> str:
@@ -74,7 +74,7 @@ class Frontend:
         validate_input(inp, self.vocab_size, self.codec.has_chat_template)
         if inp.prompt_token_ids is not None:
             return list(inp.prompt_token_ids)
-        return self.tokenize(inp.prompt, inp.messages)
+        return self.tokenize(inp.prompt, inp.messages, tools=inp.tools)
 
     async def generate(self, inp: GenerateInput, *, tenant: str = "",
                        cache_control: CacheControl = CacheControl()) -> AsyncIterator[GenerateChunk]:

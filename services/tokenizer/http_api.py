@@ -33,6 +33,7 @@ from starlette.types import Send
 from services.tokenizer import metrics
 from services.tokenizer.frontend import Frontend, GenerateChunk
 from services.tokenizer.response_cache import CACHE_STATUS_KEY, CacheControl
+from services.tokenizer.tool_calls import CallDelta, Event, ToolUse, message_parts
 from services.tokenizer.openai_schema import (
     ChatCompletionRequest, CompletionLogprobs, CompletionRequest, Endpoint, HttpError, chat_logprobs, choice,
     describe_error, envelope, error_body, param_from_loc, usage_json,
@@ -155,6 +156,7 @@ class _Generation:
         self.param_of: Callable[[str], str] | None = None
         self.logprobs = False
         self.n = 1  # sequences asked for; chunks carry their index
+        self.tool_use: ToolUse | None = None  # chat with tools: the output is read for calls
         base = request.headers.get("x-request-id") or uuid.uuid4().hex
         self.response_id = f"{'cmpl' if endpoint == 'completions' else 'chatcmpl'}-{base}"
         self.created = int(time.time())
@@ -167,6 +169,8 @@ class _Generation:
             model = CompletionRequest if self.endpoint == "completions" else ChatCompletionRequest
             req = model.model_validate(body)
             self.param_of = req.http_param
+            if isinstance(req, ChatCompletionRequest):
+                self.tool_use = req.tool_use()
             inp = req.to_input(self.response_id, self.frontend.model_name)
             self.logprobs = inp.sampling.logprobs is not None
             self.n = inp.sampling.n or 1
@@ -226,15 +230,21 @@ class _Generation:
             if not mine:
                 raise RuntimeError(f"the frontend ended the stream without a chunk of sequence {index}")
             logprobs = self._logprobs(CompletionLogprobs(self.frontend.token_text), mine)
-            text = "".join(c.text for c in mine)
-            choices.append(choice(self.endpoint, text=text, logprobs=logprobs, finish_reason=mine[-1].finish_reason,
-                                  stream=False, index=index))
+            text: str | None = "".join(c.text for c in mine)
+            finish_reason, calls = mine[-1].finish_reason, None
+            if self.tool_use is not None:
+                scanner = self.tool_use.scanner()
+                text, calls = message_parts(scanner.feed(text or "") + scanner.finish())
+                finish_reason = _tool_finish(finish_reason, len(calls))
+            choices.append(choice(self.endpoint, text=text, logprobs=logprobs, finish_reason=finish_reason,
+                                  stream=False, index=index, tool_calls=calls))
         # Usage is on the last chunk of all: with n > 1, the prompt once and every sequence's tokens.
         return self._envelope(stream=False, choices=choices, usage=usage_json(chunks[-1].usage), with_usage=True)
 
     async def _events(self, first: GenerateChunk, stream: AsyncIterator[GenerateChunk],
                       include_usage: bool) -> AsyncIterator[bytes]:
         renderers = [CompletionLogprobs(self.frontend.token_text) for _ in range(self.n)]  # one per sequence
+        scanners = [self.tool_use.scanner() for _ in range(self.n)] if self.tool_use is not None else []
         usage = None
         try:
             if self.endpoint == "chat":
@@ -245,8 +255,11 @@ class _Generation:
             chunk: GenerateChunk | None = first
             while chunk is not None:
                 usage = chunk.usage or usage
+                if scanners:
+                    for body in self._tool_deltas(scanners[chunk.index], chunk, renderers[chunk.index]):
+                        yield _sse(self._envelope(stream=True, choices=[body], usage=None, with_usage=include_usage))
                 # An empty delta means text held back (a partial character or a possible stop string).
-                if chunk.text or chunk.finish_reason or (self.logprobs and chunk.token_ids):
+                elif chunk.text or chunk.finish_reason or (self.logprobs and chunk.token_ids):
                     logprobs = self._logprobs(renderers[chunk.index], [chunk])
                     body = choice(self.endpoint, text=chunk.text, logprobs=logprobs,
                                   finish_reason=chunk.finish_reason, stream=True, index=chunk.index)
@@ -262,6 +275,29 @@ class _Generation:
         finally:
             await _close(stream)
         yield _DONE
+
+
+    def _tool_deltas(self, scanner: Any, chunk: GenerateChunk, renderer: CompletionLogprobs,
+                     ) -> Iterator[dict[str, Any]]:
+        """A chunk's text as chat deltas once its scanner has read it: content, then each piece of a
+        call on its own (as OpenAI streams them); the chunk's logprobs ride on the first delta."""
+        events: list[Event] = scanner.feed(chunk.text)
+        if chunk.finish_reason is not None:
+            events += scanner.finish()
+        logprobs = self._logprobs(renderer, [chunk]) if self.logprobs and chunk.token_ids else None
+        for event in events:
+            text, calls = (None, [event.to_json()]) if isinstance(event, CallDelta) else (event, None)
+            yield choice("chat", text=text, logprobs=logprobs, finish_reason=None, stream=True, index=chunk.index,
+                         tool_calls=calls)
+            logprobs = None
+        if chunk.finish_reason is not None or logprobs is not None:
+            yield choice("chat", text=None, logprobs=logprobs, index=chunk.index, stream=True,
+                         finish_reason=_tool_finish(chunk.finish_reason, scanner.num_calls))
+
+
+def _tool_finish(finish_reason: str | None, num_calls: int) -> str | None:
+    """A sequence that stopped after making calls finished with "tool_calls"; a cut one stays "length"."""
+    return "tool_calls" if finish_reason == "stop" and num_calls else finish_reason
 
 
 def _cache_header(chunk: GenerateChunk | None) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """OpenAI request bodies in, `GenerateInput` out; OpenAI responses, chunks and error bodies back.
 
 Only the HTTP API imports this module. Request models ignore fields they do not know (as vLLM
-does), refuse the ones whose meaning Switchyard cannot honour (best_of > n, echo, tools, ...) rather
+does), refuse the ones whose meaning Switchyard cannot honour (best_of > n, echo, suffix, ...) rather
 than silently dropping them, and leave range checks to `validation.py`, so that a bad temperature
 gets the same message over HTTP and over gRPC. Field names in errors are the OpenAI ones (see
 `http_param`): "sampling.top_p" from the front door reaches an HTTP client as param "top_p".
@@ -9,6 +9,7 @@ gets the same message over HTTP and over gRPC. Field names in errors are the Ope
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -18,7 +19,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from services.tokenizer.api_types import ResponseFormat, ToolCall
 from services.tokenizer.frontend import ChatMessage, GenerateInput, SamplingInput, TokenLogprob, Usage
+from services.tokenizer.tool_calls import ToolUse, tool_use
 from shared.errors import (
     DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, SwitchyardError,
     Unauthenticated, Unavailable,
@@ -137,10 +140,27 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCallParam(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str
+
+
+class ToolCallParam(BaseModel):
+    """A call in an earlier assistant message."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
+
+
 class ChatMessageParam(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCallParam] | None = None
+    tool_call_id: str | None = None
 
     @field_validator("content")
     @classmethod
@@ -155,6 +175,10 @@ class ChatMessageParam(BaseModel):
             return "".join(part.text or "" for part in self.content)
         return self.content or ""
 
+    def to_message(self) -> ChatMessage:
+        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ())
+        return ChatMessage(self.role, self.text(), calls, self.tool_call_id or "")
+
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessageParam]
@@ -162,23 +186,37 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    # Accepted and ignored: an "auto" answer may hold several calls, a forced one holds one.
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+
+    def tool_use(self) -> ToolUse | None:
+        """The tools in play (checked), or None; the HTTP API reads the output with it."""
+        return tool_use(self.tools, self.tool_choice)
 
     def to_input(self, request_id: str, model_name: str) -> GenerateInput:
         self.check_common(model_name)
-        if self.tools:
-            raise InvalidArgument("tool calling is not supported", field="tools")
+        tools = self.tool_use()
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise InvalidArgument("only {\"type\": \"text\"} is supported", field="response_format")
+        if tools is not None and tools.constrained and (self.response_format or {}).get("type", "text") != "text":
+            raise InvalidArgument("a forced call (required or a named function) already fixes the output's "
+                                  "format; it cannot be combined with a response_format", field="tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidArgument("needs logprobs set to true", field="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        messages = tuple(ChatMessage(m.role, m.text()) for m in self.messages)
+        messages = tuple(m.to_message() for m in self.messages)
+        # A forced call ("required", or a named function) is held to its schema by constrained decoding.
+        response_format = None
+        if tools is not None and tools.constrained:
+            response_format = ResponseFormat("json_schema", json.dumps(tools.call_schema(), separators=(",", ":")))
         return GenerateInput(
             request_id=request_id, messages=messages,
             sampling=self.sampling(max_tokens=max_tokens, logprobs=logprobs),
             session_id=self.session_id, cache_salt=self.cache_salt, priority=self.priority,
+            response_format=response_format, tools=tools.tools if tools is not None else (),
         )
 
     def http_param(self, field: str) -> str:
@@ -258,18 +296,25 @@ def chat_logprobs(token_text: Callable[[int], str], token_ids: tuple[int, ...],
 Endpoint = Literal["completions", "chat"]
 
 
-def choice(endpoint: Endpoint, *, text: str, logprobs: Any, finish_reason: str | None, stream: bool,
-           first: bool = False, index: int = 0) -> dict[str, Any]:
+def choice(endpoint: Endpoint, *, text: str | None, logprobs: Any, finish_reason: str | None, stream: bool,
+           first: bool = False, index: int = 0, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One entry of `choices`, in the shape of the endpoint and of streaming or not; `index` is the
-    sequence's (n > 1)."""
+    sequence's (n > 1). A chat message or delta has `content` unless `text` is None, and
+    `tool_calls` when some are given (whole calls, or a stream's `tool_calls` deltas)."""
     if endpoint == "completions":
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     body: dict[str, Any] = {"index": index}
     if stream:
-        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        if text is not None:
+            delta["content"] = text
+        if tool_calls:
+            delta["tool_calls"] = tool_calls
         body["delta"] = delta
     else:
         body["message"] = {"role": "assistant", "content": text}
+        if tool_calls:
+            body["message"]["tool_calls"] = tool_calls
     body["logprobs"] = None if logprobs is None else {"content": logprobs}
     body["finish_reason"] = finish_reason
     return body

@@ -53,6 +53,8 @@ def validate_input(inp: GenerateInput, vocab_size: int, has_chat_template: bool)
             require(message.role in CHAT_ROLES, f"messages[{i}].role",
                      f"must be one of {', '.join(CHAT_ROLES)}, got {message.role!r}")
             _require_text(message.content, f"messages[{i}].content")
+            for j, call in enumerate(message.tool_calls):
+                _require_text(call.name + call.arguments + call.id, f"messages[{i}].tool_calls[{j}].function")
     if inp.prompt_token_ids is not None:
         require(len(inp.prompt_token_ids) > 0, "prompt_token_ids", "must not be empty")
         bad = [t for t in inp.prompt_token_ids if not 0 <= t < vocab_size]

@@ -641,7 +641,9 @@ HTTP_BAD_CHAT: dict[str, list[Any]] = {
                  [{"role": "user", "content": [{"type": "text", "text": SURROGATES[0]}]}]],
     "max_completion_tokens": [0, -1, MAX_MODEL_LEN, 10**30, "x"],
     "logprobs": ["x", 2, []],
-    "tools": [[{"type": "function", "function": {"name": "f"}}], "x"],
+    "tools": [[{"type": "retrieval"}], [{"type": "function"}], [{"type": "function", "function": {"name": "a b"}}],
+              [{"type": "function", "function": {"name": "f", "parameters": []}}], "x"],
+    "tool_choice": ["sometimes", 5, {"type": "function", "function": {"name": "f"}}],
     "response_format": [{"type": "json_object"}, {"type": 5}, "text"],
 }
 
