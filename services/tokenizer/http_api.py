@@ -249,8 +249,9 @@ class _Generation:
         try:
             if self.endpoint == "chat":
                 for index in range(self.n):
-                    role = choice("chat", text="", logprobs=None, finish_reason=None, stream=True, first=True,
-                                  index=index)
+                    # With tools, content stays null (as OpenAI's) unless text comes: the answer may be calls.
+                    role = choice("chat", text=None if scanners else "", logprobs=None, finish_reason=None,
+                                  stream=True, first=True, index=index)
                     yield _sse(self._envelope(stream=True, choices=[role], usage=None, with_usage=include_usage))
             chunk: GenerateChunk | None = first
             while chunk is not None:
