@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from services.tokenizer.frontend import ChatMessage, GenerateInput, SamplingInput, TokenLogprob, Usage
+from services.tokenizer.structured_output import from_openai
 from shared.errors import (
     DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, SwitchyardError,
     Unauthenticated, Unavailable,
@@ -60,6 +61,8 @@ class _GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
+    # Checked by structured_output.from_openai, so its errors name the exact sub-field.
+    response_format: Any = None
     # Switchyard extras: pool stickiness, prefix-cache isolation, queue order.
     session_id: str = ""
     cache_salt: str = ""
@@ -128,6 +131,7 @@ class CompletionRequest(_GenerationRequest):
             request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids,
             sampling=self.sampling(max_tokens=max_tokens, logprobs=self.logprobs),
             session_id=self.session_id, cache_salt=self.cache_salt, priority=self.priority,
+            response_format=from_openai(self.response_format),
         )
 
 
@@ -162,14 +166,11 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
 
     def to_input(self, request_id: str, model_name: str) -> GenerateInput:
         self.check_common(model_name)
         if self.tools:
             raise InvalidArgument("tool calling is not supported", field="tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise InvalidArgument("only {\"type\": \"text\"} is supported", field="response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidArgument("needs logprobs set to true", field="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -179,6 +180,7 @@ class ChatCompletionRequest(_GenerationRequest):
             request_id=request_id, messages=messages,
             sampling=self.sampling(max_tokens=max_tokens, logprobs=logprobs),
             session_id=self.session_id, cache_salt=self.cache_salt, priority=self.priority,
+            response_format=from_openai(self.response_format),
         )
 
     def http_param(self, field: str) -> str:
