@@ -35,6 +35,7 @@ class Submission:
     resume_output_token_ids: tuple[int, ...] = ()
     resume_pool: str = ""
     sequence_group: str = ""  # n > 1 at the front door: requests of one group go to one worker
+    grammar: str = ""  # llguidance grammar the worker keeps the output inside; "" is free text
 
 
 @dataclass(frozen=True)
@@ -110,4 +111,5 @@ def build_request(sub: Submission, limits: ModelLimits, now_s: float) -> Request
         session_id=sub.session_id,
         cache_salt=sub.cache_salt,
         output_token_ids=list(resumed),  # they count against max_tokens; the worker recomputes their KV
+        grammar=sub.grammar,
     )

@@ -73,6 +73,9 @@ class Request:
     session_id: str = ""
     cache_salt: str = ""
     trace_context: str = ""  # W3C traceparent of the request's scheduler span; workers link step spans to it
+    # Constrained decoding (the worker masks the logits; opaque here). Such a request gets no
+    # speculative drafts: the worker's grammar state advances one sampled token at a time.
+    grammar: str = ""
     # Mutable state, owned by the Batcher that holds the request.
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V the worker has (or is writing in the steps in flight)

@@ -114,8 +114,8 @@ class Speculation:
             request = entry.request
             if (budget < 1 or not isinstance(entry, ScheduledCached) or request is None
                     or entry.num_scheduled_tokens != 1 or entry.num_computed_tokens != request.num_tokens - 1
-                    or request.num_output_placeholders != 1):
-                continue  # not a plain decode of a token already known here
+                    or request.num_output_placeholders != 1 or request.grammar):
+                continue  # not a plain decode of a token already known here, or a constrained one
             num_slots = (len(manager.block_ids(rid)) + manager.num_blocks_free) * manager.block_size
             limit = min(budget, request.max_tokens - len(request.output_token_ids) - 1,
                         self.max_model_len - request.num_tokens - 1, num_slots - request.num_computed_tokens)
@@ -132,7 +132,7 @@ class Speculation:
 
     def may_draft_next(self, request: Request) -> bool:
         """Whether the request's next decode might get drafts, its step in flight not answered yet."""
-        return self.proposer.may_match_next(request.all_token_ids)
+        return not request.grammar and self.proposer.may_match_next(request.all_token_ids)
 
     def settle(self, request: Request, entry: ScheduledCached, output: RequestOutput) -> None:
         """The reply to a step with drafts: the computed count drops to the accepted tokens (the

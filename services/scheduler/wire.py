@@ -44,6 +44,7 @@ def submission_from_pb(msg: pb.GenerateRequest, timeout_s: float | None) -> Subm
         resume_output_token_ids=tuple(msg.resume_output_token_ids),
         resume_pool=msg.resume_pool,
         sequence_group=msg.sequence_group,
+        grammar=msg.grammar,
     )
 
 
@@ -118,6 +119,7 @@ def plan_to_pb(plan: StepPlan, scheduler_epoch: int = 0) -> worker_pb.StepReques
                 num_computed_tokens=n.num_computed_tokens,
                 num_scheduled_tokens=n.num_scheduled_tokens,
                 trace_context=n.request.trace_context,
+                grammar=n.request.grammar,
             )
             for n in plan.new_requests
         ],

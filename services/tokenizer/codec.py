@@ -11,29 +11,25 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from services.tokenizer.api_types import ChatMessage, FunctionTool
 from services.tokenizer.detokenizer import Decoder
 from services.tokenizer.tool_calls import render_turns, template_messages, template_tools
 from shared.gguf_model import GgufModel, is_gguf_path
-from shared.gguf_tokenizer import build_tokenizer
+from shared.hf_tokenizer import load_tokenizer
 
 
 class Codec:
     def __init__(self, model_dir: str | Path) -> None:
         self.model_dir = Path(model_dir)
+        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(self.model_dir)
         if is_gguf_path(self.model_dir):
-            gguf = GgufModel(self.model_dir)  # validates first: a bad file is one GgufError line
-            self.tokenizer: PreTrainedTokenizerBase = build_tokenizer(gguf)
+            gguf = GgufModel(self.model_dir)
             self.max_model_len = gguf.config.max_position_embeddings
             self.vocab_size = gguf.config.vocab_size
         else:
-            config_path = self.model_dir / "config.json"
-            if not config_path.exists():
-                raise FileNotFoundError(f"model: {self.model_dir} has no config.json (run `make model`?)")
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-            config = json.loads(config_path.read_text())
+            config = json.loads((self.model_dir / "config.json").read_text())
             self.max_model_len = int(config.get("max_position_embeddings", 2048))
             self.vocab_size = int(config.get("vocab_size", len(self.tokenizer)))
         template = getattr(self.tokenizer, "chat_template", None)

@@ -39,6 +39,7 @@ from services.tokenizer.detokenizer import IncrementalDetokenizer
 from services.tokenizer.response_cache import CacheControl, ResponseCache, cache_key, is_deterministic
 from services.tokenizer.scheduler_client import SchedulerClient
 from services.tokenizer.stop_checker import StopChecker
+from services.tokenizer.structured_output import grammar_for
 from services.tokenizer.validation import validate_input, validate_length
 
 DEFAULT_MAX_TOKENS = 16
@@ -87,6 +88,8 @@ class Frontend:
         finish_reason, num_output_tokens = None, 0
         one = inp.sampling.n is None or inp.sampling.n == 1
         try:
+            if inp.response_format is not None:
+                inp = replace(inp, grammar=grammar_for(inp.response_format))
             generation = (self._generate(inp, span, tenant, cache_control) if one
                           else self._generate_n(inp, span, tenant, cache_control))
             async with aclosing(generation) as chunks:
@@ -152,7 +155,7 @@ class Frontend:
         if cache is not None:
             mark = "uncacheable" if not is_deterministic(inp.sampling) else "miss" if cache_control.read else "bypass"
             if mark != "uncacheable":
-                key = cache_key(tenant, inp.cache_salt, prompt_ids, inp.sampling)
+                key = cache_key(tenant, inp.cache_salt, prompt_ids, inp.sampling, inp.grammar)
             if mark == "miss" and key is not None:
                 stored = cache.get(key)
                 metrics.observe_cache_lookup(hit=stored is not None)

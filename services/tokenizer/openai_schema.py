@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from services.tokenizer.api_types import ResponseFormat, ToolCall
 from services.tokenizer.frontend import ChatMessage, GenerateInput, SamplingInput, TokenLogprob, Usage
-from services.tokenizer.tool_calls import ToolUse, tool_use
+from services.tokenizer.structured_output import from_openai, grammar_for
+from services.tokenizer.tool_calls import ToolUse, call_object, tool_use
 from shared.errors import (
     DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, SwitchyardError,
     Unauthenticated, Unavailable,
@@ -63,6 +64,8 @@ class _GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
+    # Checked by structured_output.from_openai, so its errors name the exact sub-field.
+    response_format: Any = None
     # Switchyard extras: pool stickiness, prefix-cache isolation, queue order.
     session_id: str = ""
     cache_salt: str = ""
@@ -131,6 +134,7 @@ class CompletionRequest(_GenerationRequest):
             request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids,
             sampling=self.sampling(max_tokens=max_tokens, logprobs=self.logprobs),
             session_id=self.session_id, cache_salt=self.cache_salt, priority=self.priority,
+            response_format=from_openai(self.response_format),
         )
 
 
@@ -189,7 +193,6 @@ class ChatCompletionRequest(_GenerationRequest):
     tool_choice: str | dict[str, Any] | None = None
     # Accepted and ignored: an "auto" answer may hold several calls, a forced one holds one.
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
 
     def tool_use(self) -> ToolUse | None:
         """The tools in play (checked), or None; the HTTP API reads the output with it."""
@@ -198,20 +201,17 @@ class ChatCompletionRequest(_GenerationRequest):
     def to_input(self, request_id: str, model_name: str) -> GenerateInput:
         self.check_common(model_name)
         tools = self.tool_use()
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise InvalidArgument("only {\"type\": \"text\"} is supported", field="response_format")
-        if tools is not None and tools.constrained and (self.response_format or {}).get("type", "text") != "text":
-            raise InvalidArgument("a forced call (required or a named function) already fixes the output's "
-                                  "format; it cannot be combined with a response_format", field="tool_choice")
+        response_format = from_openai(self.response_format)
+        if tools is not None and tools.constrained:
+            if response_format is not None:
+                raise InvalidArgument("a forced call (required or a named function) already fixes the output's "
+                                      "format; it cannot be combined with a response_format", field="tool_choice")
+            response_format = _forced_call_format(tools)
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidArgument("needs logprobs set to true", field="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         messages = tuple(m.to_message() for m in self.messages)
-        # A forced call ("required", or a named function) is held to its schema by constrained decoding.
-        response_format = None
-        if tools is not None and tools.constrained:
-            response_format = ResponseFormat("json_schema", json.dumps(tools.call_schema(), separators=(",", ":")))
         return GenerateInput(
             request_id=request_id, messages=messages,
             sampling=self.sampling(max_tokens=max_tokens, logprobs=logprobs),
@@ -225,6 +225,20 @@ class ChatCompletionRequest(_GenerationRequest):
         if field == "sampling.logprobs":
             return "top_logprobs"
         return super().http_param(field)
+
+
+def _forced_call_format(tools: ToolUse) -> ResponseFormat:
+    """A forced call ("required", or a named function) is held to its schema by constrained decoding.
+    Each function's schema is compiled here once on its own, so one the grammar compiler cannot take
+    is refused naming its `tools[i]` rather than a response_format the client never sent."""
+    for i, tool in tools.forced_tools():
+        try:
+            grammar_for(ResponseFormat("json_schema", json.dumps(call_object(tool))))
+        except InvalidArgument as e:
+            reason = e.message.split(": ", 1)[-1]
+            raise InvalidArgument(f"cannot be used for a forced call: {reason}",
+                                  field=f"tools[{i}].function.parameters") from None
+    return ResponseFormat("json_schema", json.dumps(tools.call_schema(), separators=(",", ":")))
 
 
 def _one_prompt(prompt: str | list[int] | list[str] | list[list[int]],

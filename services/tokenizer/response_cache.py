@@ -65,12 +65,14 @@ def is_deterministic(s: SamplingFields) -> bool:
     return s.seed is not None or (s.temperature is not None and s.temperature < GREEDY_TEMPERATURE)
 
 
-def cache_key(tenant: str, cache_salt: str, prompt_token_ids: Sequence[int], sampling: SamplingFields) -> bytes:
+def cache_key(tenant: str, cache_salt: str, prompt_token_ids: Sequence[int], sampling: SamplingFields,
+              grammar: str = "") -> bytes:
     """A 32-byte digest of everything that decides a deterministic answer, except the model (see
     the module docstring). Equal inputs give equal keys; any difference gives another key."""
     fields = {name: (float(value) if name in _FLOAT_FIELDS and value is not None else value)
               for name, value in dataclasses.asdict(sampling).items()}
-    blob = json.dumps({"tenant": tenant, "salt": cache_salt, "prompt": list(prompt_token_ids), "sampling": fields},
+    blob = json.dumps({"tenant": tenant, "salt": cache_salt, "prompt": list(prompt_token_ids), "sampling": fields,
+                       "grammar": grammar},
                       sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.blake2b(blob.encode(), digest_size=32, person=_KEY_PERSON).digest()
 

@@ -75,13 +75,18 @@ class ToolUse:
     def scanner(self, new_id: Callable[[], str] = new_call_id) -> CallScanner | AutoScanner:
         return CallScanner(self.tools, new_id) if self.constrained else AutoScanner(self.tools, new_id)
 
+    def forced_tools(self) -> list[tuple[int, FunctionTool]]:
+        """(index in tools, tool) of those a constrained response may call."""
+        return [(i, t) for i, t in enumerate(self.tools) if self.mode == "required" or t.name == self.function]
+
     def call_schema(self) -> dict[str, Any]:
         """The JSON schema of the one call a constrained response is: name first, then arguments."""
-        calls = [_call_object(t) for t in self.tools if self.mode == "required" or t.name == self.function]
+        calls = [call_object(t) for _, t in self.forced_tools()]
         return calls[0] if len(calls) == 1 else {"anyOf": calls}
 
 
-def _call_object(tool: FunctionTool) -> dict[str, Any]:
+def call_object(tool: FunctionTool) -> dict[str, Any]:
+    """The schema of one call of `tool`."""
     return {"type": "object",
             "properties": {"name": {"const": tool.name}, "arguments": json.loads(tool.parameters)},
             "required": ["name", "arguments"], "additionalProperties": False}

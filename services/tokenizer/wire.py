@@ -9,7 +9,8 @@ from switchyard.api.v1 import generation_pb2 as api_pb
 from switchyard.scheduler.v1 import scheduler_pb2 as sched_pb
 
 from services.tokenizer.api_types import (
-    ChatMessage, GenerateChunk, GenerateInput, SamplingInput, SchedulerEvent, ServingPool, TokenLogprob,
+    ChatMessage, GenerateChunk, GenerateInput, ResponseFormat, SamplingInput, SchedulerEvent, ServingPool,
+    TokenLogprob,
 )
 from shared.errors import InvalidArgument, SwitchyardError
 from shared.grpc_errors import error_from_status, status_from_number
@@ -54,6 +55,8 @@ def generate_input_from_pb(msg: api_pb.GenerateRequest, timeout_s: float | None,
         cache_salt=msg.cache_salt,
         priority=msg.priority,
         timeout_s=timeout_s,
+        response_format=(ResponseFormat(msg.response_format.type or "text", msg.response_format.json_schema)
+                         if msg.HasField("response_format") else None),
     )
 
 
@@ -101,7 +104,7 @@ def scheduler_request_to_pb(request_id: str, prompt_token_ids: list[int], inp: G
         session_id=inp.session_id, cache_salt=inp.cache_salt, priority=inp.priority,
         traceparent=traceparent, timeout_s=(inp.timeout_s if timeout_s is None else timeout_s) or 0.0,
         resume_output_token_ids=resume_output_token_ids, resume_pool=resume_pool,
-        sequence_group=inp.sequence_group,
+        sequence_group=inp.sequence_group, grammar=inp.grammar,
     )
 
 

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from services.worker.grammar import GrammarError, Grammars, advance, token_masks
 from services.worker.kernels import build_metadata
 from services.worker.model_runner import ModelRunner
 from services.worker.sampler import Sampler, SamplingParams, SamplingRow
 from services.worker.speculation import accepted, draft_rows
 from services.worker.step import RequestResult, StepInput, StepResult, TokenLogprobs
 from shared.errors import InvalidArgument
+from shared.hf_tokenizer import load_tokenizer
 
 
 @dataclass
@@ -38,6 +41,10 @@ class RequestState:
     failed: bool = False
     # This step's guessed tokens after the last one (speculative decoding); never kept past the step.
     draft_token_ids: tuple[int, ...] = ()
+    # Constrained decoding (grammar.py): the matcher, or why it could not be built (the request then
+    # fails at its first sampling, alone).
+    matcher: Any = None
+    grammar_error: str = ""
 
     @property
     def num_tokens(self) -> int:
@@ -51,6 +58,8 @@ class Executor:
         self.runner = runner
         self.sampler = sampler or Sampler(runner.device)
         self.requests: dict[str, RequestState] = {}
+        spec = runner.spec
+        self.grammars = Grammars(lambda: load_tokenizer(runner.model_dir), spec.vocab_size, spec.eos_token_ids)
 
     def reset(self) -> int:
         num_dropped = len(self.requests)
@@ -92,11 +101,16 @@ class Executor:
                 raise InvalidArgument(f"{field_name}.prompt_token_ids: empty", field=field_name)
             if any(t < 0 or t >= vocab_size for t in tokens):
                 raise InvalidArgument(f"{field_name}.prompt_token_ids: ids must be in [0, {vocab_size})", field=field_name)
-            staged[new.request_id] = RequestState(
+            state = staged[new.request_id] = RequestState(
                 new.request_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling,
                 list(new.block_ids), new.num_computed_tokens, new.num_scheduled_tokens, tokens,
                 new.trace_context,
             )
+            if new.grammar:
+                try:
+                    state.matcher = self.grammars.matcher(new.grammar, new.output_token_ids)
+                except GrammarError as e:
+                    state.grammar_error = str(e)
         for cached in step.cached_requests:
             field_name = f"cached_requests[{cached.request_id}]"
             old = remaining.get(cached.request_id)
@@ -109,6 +123,9 @@ class Executor:
                     f"{field_name}.num_computed_tokens: scheduler says {cached.num_computed_tokens}, "
                     f"worker has {old.num_computed_tokens}", field=field_name)
             drafts = tuple(cached.draft_token_ids)
+            if drafts and old.matcher is not None:
+                raise InvalidArgument(f"{field_name}.draft_token_ids: a constrained request takes no drafts",
+                                      field=field_name)
             if drafts and (any(t < 0 or t >= vocab_size for t in drafts)
                            or old.num_computed_tokens + cached.num_scheduled_tokens != old.num_tokens + len(drafts)):
                 # Drafts are verified against logits after the request's last token, so a step with
@@ -121,6 +138,7 @@ class Executor:
                 old.request_id, old.prompt_token_ids, old.output_token_ids, old.sampling,
                 old.block_ids + list(cached.new_block_ids), old.num_computed_tokens,
                 cached.num_scheduled_tokens, old.token_ids, old.trace_context, draft_token_ids=drafts,
+                matcher=old.matcher, grammar_error=old.grammar_error,
             )
         for state in staged.values():
             self._check_schedulable(state)
@@ -199,8 +217,10 @@ class Executor:
             state.num_scheduled_tokens = 0
         if not sampling_reqs:
             return []
+        masks = self._grammar_masks(sampling_reqs)
         rows = [r for s in sampling_reqs
-                for r in draft_rows(SamplingRow(s.sampling, s.prompt_token_ids, s.output_token_ids), s.draft_token_ids)]
+                for r in draft_rows(SamplingRow(s.sampling, s.prompt_token_ids, s.output_token_ids,
+                                                masks.get(s.request_id)), s.draft_token_ids)]
         sampled_rows = self.sampler.sample(logits, rows)
         results = []
         offset = 0
@@ -209,9 +229,15 @@ class Executor:
             samples = sampled_rows[offset:offset + len(drafts) + 1]
             offset += len(drafts) + 1
             kept = accepted(samples, drafts)
-            if not kept:
+            error = state.grammar_error or ("" if kept else samples[0].error)
+            if not error and state.matcher is not None:
+                try:
+                    advance(state.matcher, kept[0].token_id)
+                except GrammarError as e:
+                    error = str(e)
+            if error:
                 state.failed = True
-                results.append(RequestResult(state.request_id, (), (), samples[0].error))
+                results.append(RequestResult(state.request_id, (), (), error))
                 continue
             if drafts:
                 self._settle_drafts(state, len(kept))
@@ -222,6 +248,14 @@ class Executor:
                              for t in kept if t.logprob is not None)
             results.append(RequestResult(state.request_id, token_ids, logprobs))
         return results
+
+    def _grammar_masks(self, states: list[RequestState]) -> dict[str, torch.Tensor]:
+        """Allowed-token masks of the constrained requests about to sample (none: {})."""
+        constrained = [s for s in states if s.matcher is not None and not s.grammar_error]
+        if not constrained:
+            return {}
+        masks = token_masks([s.matcher for s in constrained], self.runner.spec.vocab_size)
+        return {s.request_id: masks[i] for i, s in enumerate(constrained)}
 
     def _settle_drafts(self, state: RequestState, num_kept: int) -> None:
         """After a step with drafts, the K/V that counts is up to the last kept token's input

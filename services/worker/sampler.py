@@ -15,6 +15,9 @@ Why it is shaped this way:
 - ``logit_bias`` is added to the raw logits before penalties and temperature (OpenAI's and vLLM's
   order), in one scatter over the rows that have any; the others pass through untouched, so a batch
   without biases pays nothing for the feature.
+- A constrained row (structured output, grammar.py) brings a mask of its allowed tokens; the
+  others are set to -inf right after the biases, in one masked fill over those rows only, so every
+  later filter and the draw keep them out and unconstrained rows pay nothing.
 - Logprobs are of the raw logits, before biases, penalties and filters, as vLLM reports by default, so
   they describe the model rather than the sampling settings.
 - A row with NaN or +inf logits fails alone (``error`` set, token -1); the rest of the batch goes
@@ -33,7 +36,7 @@ import torch
 from shared.sampling_rules import GREEDY_TEMPERATURE, MAX_NUM_LOGPROBS, SamplingParams
 
 __all__ = ["GREEDY_TEMPERATURE", "MAX_NUM_LOGPROBS", "SamplingParams", "Sampler", "SamplingRow", "SampledToken",
-           "apply_logit_bias"]
+           "apply_logit_bias", "apply_token_masks"]
 
 NON_FINITE_LOGITS_ERROR = "non-finite logits"
 _MASK64 = (1 << 64) - 1
@@ -46,6 +49,7 @@ class SamplingRow:
     params: SamplingParams
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]  # already generated; its length is the index of this draw
+    token_mask: torch.Tensor | None = None  # bool [V]: the only tokens it may draw (a grammar's); None: any
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,21 @@ def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch
         out.view(-1).index_add_(0, torch.tensor(flat_index, device=logits.device),
                                 torch.tensor(values, dtype=out.dtype, device=logits.device))
     return out
+
+
+def apply_token_masks(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Returns ``logits`` with the tokens each masked row may not draw at -inf; the input itself
+    when no row has a mask. A mask narrower than the logits (a padded vocabulary) allows none past it."""
+    masked = [i for i, row in enumerate(rows) if row.token_mask is not None]
+    if not masked:
+        return logits
+    allowed = torch.zeros(len(masked), logits.shape[1], dtype=torch.bool, device=logits.device)
+    for j, i in enumerate(masked):
+        mask = rows[i].token_mask
+        width = min(mask.shape[0], logits.shape[1])
+        allowed[j, :width] = mask[:width].to(logits.device)
+    sub = _select_rows(logits, masked).masked_fill(~allowed, -math.inf)
+    return _replace_rows(logits, masked, sub)
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -211,7 +230,7 @@ class Sampler:
             # Zeroing failed rows keeps NaN out of every batched op; their results are discarded.
             raw = torch.where(failed.unsqueeze(1), 0.0, raw)
 
-        penalised = apply_penalties(apply_logit_bias(raw, rows), rows)
+        penalised = apply_penalties(apply_token_masks(apply_logit_bias(raw, rows), rows), rows)
         token_ids = penalised.argmax(dim=-1)  # final for greedy rows
         sampled = [i for i, row in enumerate(rows) if not row.params.is_greedy]
         if sampled:

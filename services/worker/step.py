@@ -19,6 +19,7 @@ class NewRequestData:
     num_computed_tokens: int
     num_scheduled_tokens: int
     trace_context: str = ""  # W3C traceparent of the request's scheduler span
+    grammar: str = ""  # llguidance grammar constraining its tokens (grammar.py); "" is free
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ def step_from_pb(msg: pb.StepRequest) -> StepInput:
                 num_computed_tokens=r.num_computed_tokens,
                 num_scheduled_tokens=r.num_scheduled_tokens,
                 trace_context=r.trace_context,
+                grammar=r.grammar,
             )
             for r in msg.new_requests
         ),
@@ -81,7 +82,7 @@ def step_to_pb(step: StepInput) -> pb.StepRequest:
                 request_id=r.request_id, prompt_token_ids=r.prompt_token_ids,
                 output_token_ids=r.output_token_ids, sampling=sampling_to_pb(r.sampling),
                 block_ids=r.block_ids, num_computed_tokens=r.num_computed_tokens,
-                num_scheduled_tokens=r.num_scheduled_tokens,
+                num_scheduled_tokens=r.num_scheduled_tokens, trace_context=r.trace_context, grammar=r.grammar,
             )
             for r in step.new_requests
         ],

@@ -9,40 +9,12 @@ import random
 
 import pytest
 
-from services.scheduler import wire as scheduler_wire
-from services.scheduler.batcher import Batcher
-from services.scheduler.block_manager import BlockManager
-from services.scheduler.request import Request, RequestStatus
-from services.scheduler.speculation import NgramProposer
-from services.worker import wire as worker_wire
-from services.worker.executor import Executor
+from services.scheduler.request import Request
 from services.worker.model_runner import ModelRunner
 from shared.sampling_rules import SamplingParams
+from tests.worker.serve import serve
 
 GREEDY = SamplingParams(temperature=0.0)
-
-
-def serve(runner: ModelRunner, requests: list[Request], *, num_speculative_tokens: int,
-          max_num_batched_tokens: int = 64) -> Batcher:
-    """Runs `requests` to their finish, one step at a time; checks the tables after each step."""
-    manager = BlockManager(runner.num_blocks, runner.block_size, "v1")
-    batcher = Batcher(manager, max_model_len=runner.spec.max_model_len, eos_token_ids=runner.spec.eos_token_ids,
-                      max_num_batched_tokens=max_num_batched_tokens,
-                      proposer=NgramProposer(num_speculative_tokens) if num_speculative_tokens else None)
-    executor = Executor(runner)
-    for request in requests:
-        batcher.add(request)
-    while batcher.has_work():
-        plan = batcher.schedule()
-        result = executor.execute(worker_wire.step_from_pb(scheduler_wire.plan_to_pb(plan)))
-        batcher.update(plan, scheduler_wire.outputs_from_pb(worker_wire.result_to_pb(result)))
-        for rid, state in executor.requests.items():
-            request = batcher.get(rid)
-            if request is not None and request.status is RequestStatus.RUNNING:
-                assert manager.block_ids(rid) == state.block_ids, f"{rid}: the block tables differ"
-                assert request.num_computed_tokens == state.num_computed_tokens
-    assert manager.num_blocks_used == 0, "blocks still held after every request finished"
-    return batcher
 
 
 def make_requests(prompts: list[list[int]], sampling: SamplingParams, max_tokens: int) -> list[Request]:
