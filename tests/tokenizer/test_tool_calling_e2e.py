@@ -120,7 +120,12 @@ async def test_none_answers_in_text(client):
     ({"tools": [TOOLS[0], {"type": "retrieval"}]}, "tools[1].type"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, "tools[0].function.parameters"),
-], ids=["unknown-name", "unknown-choice", "choice-without-tools", "not-function", "no-name", "parameters"])
+    ({"tools": [TOOLS[0], {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "nonsense"}}}}}], "tool_choice": "required"},
+     "tools[1].function.parameters"),
+    ({"tools": TOOLS, "tool_choice": NAMED, "response_format": {"type": "json_object"}}, "tool_choice"),
+], ids=["unknown-name", "unknown-choice", "choice-without-tools", "not-function", "no-name", "parameters",
+        "uncompilable-parameters", "forced-and-response-format"])
 async def test_bad_input_is_a_400_naming_the_field(client, body, param):
     model = (await client.models.list()).data[0].id
     with pytest.raises(openai.BadRequestError) as e:
