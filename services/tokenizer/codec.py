@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from services.tokenizer.api_types import ChatMessage, FunctionTool
 from services.tokenizer.detokenizer import Decoder
-from services.tokenizer.tool_calls import render_turns, template_messages, template_tools
+from services.tokenizer.tool_prompt import render_turns, template_messages, template_tools
 from shared.gguf_model import GgufModel, is_gguf_path
 from shared.hf_tokenizer import load_tokenizer
 

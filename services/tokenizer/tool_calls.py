@@ -1,6 +1,6 @@
-"""Tool calling on chat completions, the pure part: reading `tools`/`tool_choice`, rendering tools
-and earlier calls for a chat template, the schema that constrains a forced call, and turning the
-model's output (whole or streamed) into OpenAI `tool_calls`.
+"""Tool calling on chat completions, the pure part: reading `tools`/`tool_choice`, the schema that
+constrains a forced call, and turning the model's output (whole or streamed) into OpenAI
+`tool_calls`. How tools and earlier calls enter the prompt is `tool_prompt.py`'s.
 
 Two ways a call comes out of the model:
 
@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.tokenizer.api_types import ChatMessage, FunctionTool
+from services.tokenizer.api_types import FunctionTool
 from shared.errors import InvalidArgument
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -147,72 +147,6 @@ def tool_use(tools: list[Any] | None, tool_choice: str | dict[str, Any] | None) 
         return ToolUse(parsed, "function", name)  # type: ignore[arg-type]
     raise InvalidArgument('must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}, '
                           f"got {str(tool_choice)[:64]!r}", field="tool_choice")
-
-
-# --- rendering for a chat template ---------------------------------------------------------------
-
-def tools_prompt(tools: Sequence[FunctionTool]) -> str:
-    """The system text that offers the tools, in the markers SmolLM2 learnt function calling with."""
-    listing = json.dumps([{"name": t.name, "description": t.description, "parameters": json.loads(t.parameters)}
-                          for t in tools], ensure_ascii=False)
-    return ("You may call functions to answer. The functions you can call are described, as JSON, between "
-            f"<tools> and </tools>:\n<tools>{listing}</tools>\n"
-            "To call functions, reply with only a JSON list of calls between <tool_call> and </tool_call>, each "
-            'call an object with the function\'s "name" and its "arguments" object, for example:\n'
-            '<tool_call>[{"name": "some_function", "arguments": {"some_argument": "a value"}}]</tool_call>\n'
-            "If no function fits, answer in plain text.")
-
-
-def _arguments_value(arguments: str) -> Any:
-    try:
-        return json.loads(arguments)
-    except ValueError:
-        return arguments  # not JSON: shown to the model as the string it was
-
-
-def render_turns(messages: Sequence[ChatMessage], tools: Sequence[FunctionTool]) -> list[tuple[str, str]]:
-    """(role, text) turns for a template that knows nothing of tools. The tools go into the system
-    turn (before the client's own system text, if any). An assistant's calls are written the way the
-    model is asked to write them, so it sees its own format; a tool result becomes a user turn in
-    <tool_response> markers, because SmolLM2 was taught to read results there and its template
-    would otherwise open a "tool" turn, a role it never saw."""
-    turns: list[tuple[str, str]] = []
-    for m in messages:
-        if m.role == "tool":
-            turns.append(("user", f"<tool_response>\n{m.content}\n</tool_response>"))
-        elif m.tool_calls:
-            calls = json.dumps([{"name": c.name, "arguments": _arguments_value(c.arguments)} for c in m.tool_calls],
-                               ensure_ascii=False)
-            text = f"{CALL_OPEN}{calls}{CALL_CLOSE}"
-            turns.append((m.role, f"{m.content}\n{text}" if m.content else text))
-        else:
-            turns.append((m.role, m.content))
-    if tools:
-        if turns and turns[0][0] == "system":
-            turns[0] = ("system", f"{tools_prompt(tools)}\n\n{turns[0][1]}")
-        else:
-            turns.insert(0, ("system", tools_prompt(tools)))
-    return turns
-
-
-def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages for a template that renders tools itself, in Hugging Face's shape (arguments as objects)."""
-    out: list[dict[str, Any]] = []
-    for m in messages:
-        turn: dict[str, Any] = {"role": m.role, "content": m.content}
-        if m.tool_calls:
-            turn["tool_calls"] = [{"id": c.id, "type": "function",
-                                   "function": {"name": c.name, "arguments": _arguments_value(c.arguments)}}
-                                  for c in m.tool_calls]
-        if m.tool_call_id:
-            turn["tool_call_id"] = m.tool_call_id
-        out.append(turn)
-    return out
-
-
-def template_tools(tools: Sequence[FunctionTool]) -> list[dict[str, Any]]:
-    return [{"type": "function", "function": {"name": t.name, "description": t.description,
-                                              "parameters": json.loads(t.parameters)}} for t in tools]
 
 
 # --- reading the output --------------------------------------------------------------------------

@@ -9,11 +9,11 @@ from itertools import count
 import jsonschema
 import pytest
 
-from services.tokenizer.api_types import ChatMessage, FunctionTool, ToolCall
+from services.tokenizer.api_types import ChatMessage, ToolCall
 from services.tokenizer.tool_calls import (
-    CALL_OPEN, AutoScanner, CallDelta, CallScanner, ToolUse, message_parts, parse_tools, render_turns,
-    template_messages, tool_use, tools_prompt,
+    CALL_OPEN, AutoScanner, CallDelta, CallScanner, ToolUse, message_parts, parse_tools, tool_use,
 )
+from services.tokenizer.tool_prompt import render_turns, template_messages, tools_prompt
 from shared.errors import InvalidArgument
 
 WEATHER = {"type": "function", "function": {
