@@ -193,6 +193,9 @@ class ChatCompletionRequest(_GenerationRequest):
     tool_choice: str | dict[str, Any] | None = None
     # Accepted and ignored: an "auto" answer may hold several calls, a forced one holds one.
     parallel_tool_calls: bool | None = None
+    # OpenAI's deprecated forms of tools and tool_choice: refused rather than silently dropped.
+    functions: Any = None
+    function_call: Any = None
 
     def tool_use(self) -> ToolUse | None:
         """The tools in play (checked), or None; the HTTP API reads the output with it."""
@@ -200,6 +203,9 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def to_input(self, request_id: str, model_name: str) -> GenerateInput:
         self.check_common(model_name)
+        for legacy, instead in (("functions", "tools"), ("function_call", "tool_choice")):
+            if getattr(self, legacy) is not None:
+                raise InvalidArgument(f"is deprecated and not supported; send {instead} instead", field=legacy)
         tools = self.tool_use()
         response_format = from_openai(self.response_format)
         if tools is not None and tools.constrained:

@@ -124,8 +124,10 @@ async def test_none_answers_in_text(client):
         "type": "object", "properties": {"x": {"type": "nonsense"}}}}}], "tool_choice": "required"},
      "tools[1].function.parameters"),
     ({"tools": TOOLS, "tool_choice": NAMED, "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"functions": [TOOLS[0]["function"]]}, "functions"),
+    ({"function_call": "auto"}, "function_call"),
 ], ids=["unknown-name", "unknown-choice", "choice-without-tools", "not-function", "no-name", "parameters",
-        "uncompilable-parameters", "forced-and-response-format"])
+        "uncompilable-parameters", "forced-and-response-format", "legacy-functions", "legacy-function-call"])
 async def test_bad_input_is_a_400_naming_the_field(client, body, param):
     model = (await client.models.list()).data[0].id
     with pytest.raises(openai.BadRequestError) as e:

@@ -37,12 +37,15 @@ class ScriptedFrontend:
         return str(token_id)
 
     async def generate(self, inp: GenerateInput, **_: object) -> AsyncIterator[GenerateChunk]:
+        """Each of the n sequences the same text, their chunks interleaved."""
         self.inputs.append(inp)
         pieces = [self.text[i:i + self.piece_chars] for i in range(0, len(self.text), self.piece_chars)] or [""]
+        n = inp.sampling.n or 1
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
-            yield GenerateChunk(inp.request_id, piece, (i,), (), "stop" if last else None,
-                                Usage(5, len(pieces), 0) if last else None)
+            for index in range(n):
+                yield GenerateChunk(inp.request_id, piece, (i,), (), "stop" if last else None,
+                                    Usage(5, n * len(pieces), 0) if last and index == n - 1 else None, index=index)
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +135,13 @@ async def test_the_conversation_carries_calls_and_results(client, frontend):
     messages = frontend.inputs[-1].messages
     assert messages[1].tool_calls == (ToolCall("call_1", "get_weather", '{"city":"P"}'),) and messages[1].content == ""
     assert (messages[2].role, messages[2].content, messages[2].tool_call_id) == ("tool", "21 C", "call_1")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_each_of_n_choices_has_its_own_call(client, frontend, stream):
+    frontend.text, frontend.piece_chars = '{"name":"get_time","arguments":{}}', 4
+    completion, _ = await ask(client, stream, messages=QUESTION, tools=TOOLS, tool_choice="required", n=2)
+    calls = [c.message.tool_calls for c in sorted(completion.choices, key=lambda c: c.index)]
+    assert [len(c) for c in calls] == [1, 1] and {c[0].function.arguments for c in calls} == {"{}"}
+    assert calls[0][0].id != calls[1][0].id
+    assert [c.finish_reason for c in completion.choices] == ["tool_calls", "tool_calls"]
