@@ -86,9 +86,11 @@ async def _drive(workload: Workload, send_one: _SendOne, label: str) -> tuple[li
     return records, duration_s
 
 
-def _sampling(max_tokens: int) -> pb.SamplingParams:
-    # Greedy and ignore_eos: every runner produces exactly max_tokens, so work is identical across peers.
-    return pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+def _sampling(request: WorkloadRequest) -> pb.SamplingParams:
+    # Greedy and ignore_eos unless the request says otherwise: every runner then produces exactly
+    # max_tokens, so work is identical across peers.
+    return pb.SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature,
+                             ignore_eos=request.ignore_eos, seed=request.seed)
 
 
 async def run_grpc(address: str, workload: Workload, *, label: str = "grpc") -> tuple[list[RequestRecord], float]:
@@ -98,7 +100,9 @@ async def run_grpc(address: str, workload: Workload, *, label: str = "grpc") -> 
 
         async def send_one(request: WorkloadRequest, record: RequestRecord) -> None:
             message = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=request.prompt_token_ids),
-                                         sampling=_sampling(request.max_tokens), session_id=request.session_id)
+                                         sampling=_sampling(request), session_id=request.session_id)
+            if request.json_schema:
+                message.response_format.CopyFrom(pb.ResponseFormat(type="json_schema", json_schema=request.json_schema))
             try:
                 async for response in api.Generate(message):
                     now = time.perf_counter()

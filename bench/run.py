@@ -8,8 +8,9 @@ are findings, not tests), 1 when a scenario crashed, 2 for bad arguments.
 
 Scenarios are named in full or by letter: a small_vs_hf, b tiny_stack_vs_engine, c null_ttft,
 d shared_prefix, e concurrency_sweep, f http_api, g vs_llama_cpp, h mixed_goodput, i pipeline_cost,
-j tiny_mixed_vs_hf, k batch_wait, l host_tier, m tensor_parallel, n speculative. Every run starts with the roofline probe (bench/roofline.py):
-GEMM throughput per precision, copy bandwidth, CPU features.
+j tiny_mixed_vs_hf, k batch_wait, l host_tier, m tensor_parallel, n speculative, o structured_output.
+Every run starts with the roofline probe (bench/roofline.py): GEMM throughput per precision, copy
+bandwidth, CPU features.
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from bench.plots import write_plots  # noqa: E402 - after the offline switches above
 from bench.report import REPO_ROOT, ScenarioResult, write_results  # noqa: E402
-from bench import batch_wait, host_tier, parallel_workers, pipeline, real_model, roofline, speculative  # noqa: E402
+from bench import (batch_wait, host_tier, parallel_workers, pipeline, real_model, roofline, speculative,  # noqa: E402
+                   structured_output)
 from bench.scenarios import SCENARIOS as STACK_SCENARIOS  # noqa: E402
 from bench.scenarios import Options  # noqa: E402
 
 # Letters follow this order; a new scenario goes at the end so existing letters keep their meaning.
 SCENARIOS = {**STACK_SCENARIOS, **real_model.SCENARIOS, **pipeline.SCENARIOS, **batch_wait.SCENARIOS,
-             **host_tier.SCENARIOS, **parallel_workers.SCENARIOS, **speculative.SCENARIOS}
-LETTERS = dict(zip("abcdefghijklmn", SCENARIOS))
+             **host_tier.SCENARIOS, **parallel_workers.SCENARIOS, **speculative.SCENARIOS,
+             **structured_output.SCENARIOS}
+LETTERS = dict(zip("abcdefghijklmno", SCENARIOS))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

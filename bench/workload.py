@@ -19,6 +19,11 @@ class WorkloadRequest:
     max_tokens: int
     arrival_s: float = 0.0  # offset from the start for open-loop (Poisson) runs; 0 in closed loop
     session_id: str = ""
+    # Past greedy-to-max_tokens, which every runner replays; only the gRPC driver sends these.
+    temperature: float = 0.0
+    seed: int | None = None  # sampled requests: seeded, so runs repeat
+    ignore_eos: bool = True  # False for constrained output: a finished grammar allows only EOS
+    json_schema: str = ""  # non-empty: response_format json_schema with this schema (JSON text)
 
 
 @dataclass(frozen=True)

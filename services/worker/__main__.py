@@ -61,7 +61,10 @@ async def run(config: WorkerConfig) -> None:
     if runner.kv_pool.num_host_blocks:
         logger.info("host KV tier: %d blocks (%.1f MiB)", runner.kv_pool.num_host_blocks,
                     runner.kv_pool.num_host_blocks * runner.kv_pool.shape.bytes_per_block / 2**20)
-    servicer = WorkerServicer(Executor(runner), version=config.version, address=config.address)
+    executor = Executor(runner)
+    if not config.null_model:
+        executor.grammars.warm_in_background()
+    servicer = WorkerServicer(executor, version=config.version, address=config.address)
     start_metrics_server(config.metrics_port, config.host, config.tls)
     await serve(
         service_name="worker", register=servicer.register, address=config.address,

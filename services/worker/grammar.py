@@ -5,8 +5,9 @@ Why it is shaped this way:
 
 - The grammar arrives compiled to llguidance's JSON grammar text by the front door (which also
   refused the ones that do not compile), so the worker only binds it to the vocabulary. The
-  vocabulary (an `LLTokenizer`, about a second to build) is made on the first constrained request,
-  so a worker that never sees one never pays for it.
+  vocabulary (an `LLTokenizer`: a second or more to build, with the tokenizer load) is built on a
+  background thread when the worker starts (`warm_in_background`), so the first constrained
+  request does not stall every request in its batch; without warming it is built on first use.
 - A matcher is rebuilt from the request's tokens so far whenever the worker first sees the request
   (`NewRequest.output_token_ids`): after preemption, migration to another worker, or a front door
   resubmitting it to a new scheduler, the grammar goes on from where the output is.
@@ -46,6 +47,15 @@ class Grammars:
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
 
+    def warm_in_background(self) -> None:
+        def warm() -> None:
+            try:
+                self.tokenizer  # noqa: B018 - built for its side effect
+            except Exception as e:  # noqa: BLE001 - a constrained request will report it
+                logger.warning("grammar vocabulary not built (constrained requests will fail): %s", e)
+
+        threading.Thread(target=warm, name="grammar-vocabulary", daemon=True).start()
+
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
@@ -59,7 +69,11 @@ class Grammars:
 
     def matcher(self, grammar: str, output_token_ids: Sequence[int]) -> llguidance.LLMatcher:
         """A matcher for `grammar` that has consumed `output_token_ids` (the request's tokens so far)."""
-        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        try:
+            tokenizer = self.tokenizer
+        except Exception as e:  # noqa: BLE001 - e.g. a model directory without a tokenizer
+            raise GrammarError(f"grammar: this worker has no vocabulary for grammars ({e})") from e
+        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise GrammarError(f"grammar: {matcher.get_error()}")
         if output_token_ids and not matcher.consume_tokens(list(output_token_ids)):

@@ -155,17 +155,33 @@ def test_the_tensor_parallel_scenario_runs_whole_and_split(tmp_path: Path, tiny_
 
 
 def test_the_speculative_scenario_runs_both_workloads_with_and_without(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """`speculative` (letter n) in quick mode: both workloads on a stack without speculation and on
-    one with it; every request completes, and only the runs with speculation verify drafts."""
+    """`speculative` (letter n) in quick mode: the three workloads on a stack without speculation and
+    on one with it; every request completes, and only the runs with speculation verify drafts."""
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--scenarios", "n", "--out", str(tmp_path)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"bench.run exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     (scenario,) = json.loads((tmp_path / "latest.json").read_text())["scenarios"]
     assert scenario["name"] == "speculative" and scenario["error"] == ""
     runs = scenario["runs"]
-    assert set(runs) == {"grounded_plain", "random_plain", "grounded_ngram", "random_ngram"}
+    assert set(runs) == {f"{w}_{mode}" for w in ("grounded", "random", "rejected") for mode in ("plain", "ngram")}
     for key, run in runs.items():
         assert run["num_completed"] == run["num_requests"] > 0, (key, run["errors"])
     assert runs["grounded_plain"]["num_draft_tokens"] == runs["random_plain"]["num_draft_tokens"] == 0
+    assert runs["rejected_plain"]["num_draft_tokens"] == 0
     assert runs["grounded_ngram"]["num_draft_tokens"] > 0
-    assert {"grounded ngram/plain", "random ngram/plain"} <= set(scenario["ratios"])
+    assert {"grounded ngram/plain", "random ngram/plain", "rejected ngram/plain"} <= set(scenario["ratios"])
+
+
+def test_the_structured_output_scenario_runs_free_and_constrained(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`structured_output` (letter o) in quick mode: the same prompts free and with a json_schema
+    response_format at two concurrencies; every request completes and each ratio is recorded."""
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--scenarios", "o", "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"bench.run exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    (scenario,) = json.loads((tmp_path / "latest.json").read_text())["scenarios"]
+    assert scenario["name"] == "structured_output" and scenario["error"] == ""
+    concurrencies = scenario["config"]["concurrencies"]
+    assert set(scenario["runs"]) == {f"{mode}_c{c}" for mode in ("free", "constrained") for c in concurrencies}
+    for key, run in scenario["runs"].items():
+        assert run["num_completed"] == run["num_requests"] == scenario["config"]["num_requests"], (key, run["errors"])
+    assert all(scenario["ratios"][f"constrained/free c{c}"] > 0 for c in concurrencies)

@@ -6,12 +6,15 @@ deadline and its pool, and the client sees the tokens it would have seen without
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
 
 from services.scheduler.router import PoolConfig
-from services.tokenizer.api_types import GenerateInput, SchedulerEvent
+from services.tokenizer.api_types import GenerateInput, ResponseFormat, SchedulerEvent
+from services.tokenizer.codec import Codec
+from services.tokenizer.structured_output import grammar_for
 from services.tokenizer.scheduler_client import SchedulerClient
 from shared.errors import Unavailable
 from shared.sampling_rules import SamplingFields
@@ -44,8 +47,9 @@ async def leader_and_standby(tmp_path, leader_pools: tuple[PoolConfig, ...],
 
 
 async def generate(client: SchedulerClient, request_id: str, sampling: SamplingFields, on_event=None,
-                   timeout_s: float = TIMEOUT_S) -> tuple[list[int], SchedulerEvent]:
-    inp = GenerateInput(request_id=request_id, prompt_token_ids=PROMPT, sampling=sampling, timeout_s=timeout_s)
+                   timeout_s: float = TIMEOUT_S, grammar: str = "") -> tuple[list[int], SchedulerEvent]:
+    inp = GenerateInput(request_id=request_id, prompt_token_ids=PROMPT, sampling=sampling, timeout_s=timeout_s,
+                        grammar=grammar)
     tokens: list[int] = []
     last = None
     async for event in client.stream(request_id, list(PROMPT), inp):
@@ -90,6 +94,33 @@ async def test_a_request_resumes_on_the_new_leader_with_the_same_tokens(tmp_path
         assert last.num_prompt_tokens == len(PROMPT)  # the resumed tokens are not counted as prompt
         assert client.address == b.address
         assert b.leadership.fleet is not None and b.leadership.epoch > a_epoch
+    finally:
+        await client.close()
+        await b.close()
+        await a.close()
+
+
+async def test_a_constrained_request_resumes_inside_its_grammar(tmp_path, workers, tiny_model_dir) -> None:
+    """The new leader's worker rebuilds the grammar state from the resumed tokens: the answer is the
+    one without the fault, and valid (the tiny model's weights are random, so only the mask makes it so)."""
+    schema = {"type": "object", "properties": {"values": {"type": "array", "minItems": 6, "maxItems": 6,
+                                                          "items": {"type": "integer", "minimum": 0, "maximum": 999}}},
+              "required": ["values"], "additionalProperties": False}
+    grammar = grammar_for(ResponseFormat("json_schema", json.dumps(schema)))
+    sampling = SamplingFields(max_tokens=200, temperature=0.8, seed=9)
+    pool = PoolConfig("default", "v1", 1.0, (workers[0],))
+    a, b = await leader_and_standby(tmp_path, (pool,))
+    client = SchedulerClient([a.address, b.address], failover_timeout_s=10)
+    try:
+        expected, last = await generate(client, "no-fault", sampling, grammar=grammar)
+        assert last.finish_reason == "stop"
+        values = json.loads(Codec(tiny_model_dir).tokenizer.decode(expected, skip_special_tokens=True))["values"]
+        assert len(values) == 6
+        kill = KillAfter(a, 4)
+        tokens, last = await generate(client, "failover", sampling, on_event=kill, grammar=grammar)
+        assert kill.num_streamed is not None and kill.num_streamed < len(expected), "not killed mid-stream"
+        assert client.num_resubmissions >= 1
+        assert tokens == expected and last.finish_reason == "stop"
     finally:
         await client.close()
         await b.close()
