@@ -33,7 +33,7 @@ from starlette.types import Send
 from services.tokenizer import metrics
 from services.tokenizer.frontend import Frontend, GenerateChunk
 from services.tokenizer.response_cache import CACHE_STATUS_KEY, CacheControl
-from services.tokenizer.tool_calls import CallDelta, Event, ToolUse, message_parts
+from services.tokenizer.tool_calls import AutoScanner, CallDelta, CallScanner, Event, ToolUse, message_parts
 from services.tokenizer.openai_schema import (
     ChatCompletionRequest, CompletionLogprobs, CompletionRequest, Endpoint, HttpError, chat_logprobs, choice,
     describe_error, envelope, error_body, param_from_loc, usage_json,
@@ -277,8 +277,7 @@ class _Generation:
             await _close(stream)
         yield _DONE
 
-
-    def _tool_deltas(self, scanner: Any, chunk: GenerateChunk, renderer: CompletionLogprobs,
+    def _tool_deltas(self, scanner: CallScanner | AutoScanner, chunk: GenerateChunk, renderer: CompletionLogprobs,
                      ) -> Iterator[dict[str, Any]]:
         """A chunk's text as chat deltas once its scanner has read it: content, then each piece of a
         call on its own (as OpenAI streams them); the chunk's logprobs ride on the first delta."""

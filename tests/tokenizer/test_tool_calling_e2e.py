@@ -155,6 +155,7 @@ async def test_a_template_that_knows_tools_renders_them_itself(smollm2_model_dir
     codec = Codec(tmp_path)
     assert codec.template_takes_tools and not Codec(smollm2_model_dir).template_takes_tools
     text = codec.render_conversation(
-        (ChatMessage("user", "hi"), ChatMessage("assistant", "", (ToolCall("call_1", "get_weather", '{"city": "Oslo"}'),)),
+        (ChatMessage("user", "hi"),
+         ChatMessage("assistant", "", (ToolCall("call_1", "get_weather", '{"city": "Oslo"}'),)),
          ChatMessage("tool", "sunny", tool_call_id="call_1")), (FunctionTool("get_weather"),))
     assert text == "[tool get_weather]<user>hi<assistant>[call get_weather Oslo]<tool>sunny[for call_1]"

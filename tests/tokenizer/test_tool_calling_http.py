@@ -102,8 +102,8 @@ async def test_required_constrains_to_any_tool(client, frontend):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 async def test_auto_reads_calls_out_of_free_text(client, frontend, stream):
-    frontend.text, frontend.piece_chars = ('Let me see.\n<tool_call>[{"name": "get_weather", "arguments": {"city": "Oslo"}}, '
-                                           '{"name": "get_time", "arguments": {}}]</tool_call>'), 5
+    frontend.text, frontend.piece_chars = ('Let me see.\n<tool_call>[{"name": "get_weather", "arguments": '
+                                           '{"city": "Oslo"}}, {"name": "get_time", "arguments": {}}]</tool_call>'), 5
     completion, chunks = await ask(client, stream, messages=QUESTION, tools=TOOLS)
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me see."
@@ -128,7 +128,8 @@ async def test_the_conversation_carries_calls_and_results(client, frontend):
     frontend.text = "Sunny."
     history = [*QUESTION,
                {"role": "assistant", "content": None, "tool_calls": [
-                   {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"P"}'}}]},
+                   {"id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"P"}'}}]},
                {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]
     completion, _ = await ask(client, False, messages=history, tools=TOOLS)
     assert completion.choices[0].message.content == "Sunny."
