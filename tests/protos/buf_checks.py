@@ -80,7 +80,7 @@ def previous_main_commit(repo: Path) -> Baseline:
         break
     parent = git(repo, "rev-parse", "--verify", "--quiet", "HEAD^1^{commit}")
     if parent is not None:
-        return Baseline(parent, "HEAD's first parent (the previous main commit)")
+        return Baseline(parent, "HEAD's first parent (on main: the previous main commit)")
     if git(repo, "rev-parse", "--is-shallow-repository") == "true":
         return Baseline(None, "this is a shallow clone without HEAD's parent: fetch one more commit "
                               "(git fetch --deepen=1, or clone with --depth 2) to compare with it")
