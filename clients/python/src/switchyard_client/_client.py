@@ -232,7 +232,7 @@ class AsyncClient(_Base):
 
     async def close(self) -> None:
         """Closes the channel; calls in flight are cancelled."""
-        await self.channel.close()
+        await self.channel.close(None)  # no grace
 
     def generate(self, prompt: str | Sequence[int],
                  **options: Unpack[GenerateOptions]) -> AsyncIterator[GenerateChunk]:

@@ -118,15 +118,16 @@ _BY_CODE: dict[grpc.StatusCode, type[SwitchyardError]] = {
 }
 
 
-def _metadata(pairs: Iterable[tuple[str, str | bytes]] | None) -> dict[str, str]:
+def _metadata(pairs: Iterable[tuple[str, Any]] | None) -> dict[str, str]:
     return {key: value for key, value in (pairs or ()) if isinstance(value, str)}
 
 
 def error_from_rpc_error(error: grpc.RpcError) -> SwitchyardError:
     """The typed exception for a failed call (sync `grpc.RpcError` or `grpc.aio.AioRpcError`)."""
-    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-    details: str = error.details() or ""  # type: ignore[attr-defined]
-    metadata = _metadata(error.trailing_metadata())  # type: ignore[attr-defined]
+    call: Any = error  # a grpc.Call as well as an RpcError, whatever the type stubs in use say
+    code: grpc.StatusCode = call.code()
+    details: str = call.details() or ""
+    metadata = _metadata(call.trailing_metadata())
     field = metadata.get(FIELD_METADATA_KEY) or None
     cls = _BY_CODE.get(code, SwitchyardError)
     if cls is ResourceExhausted:
