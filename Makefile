@@ -7,7 +7,7 @@ PRESET ?= smollm2
 PROTO_OUT := shared/proto
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: setup buf proto-check protos model test test-chaos test-soak test-compose test-all bench bench-smoke up down run status clean
+.PHONY: setup buf proto-check protos model test test-chaos test-soak test-compose test-all bench bench-smoke up down run status clean client-python client-node
 
 # Creates .venv with every dependency pinned: requirements.txt (what the services run on, and all the
 # Docker image gets) plus requirements-dev.txt (tests, benchmarks, Triton, manifest validation).
@@ -104,7 +104,19 @@ bench-smoke: setup
 	$(PY) -m bench.run --quick --out bench/results/tmp/smoke $(BENCH_ARGS)
 
 clean:
-	rm -rf $(PROTO_OUT) .pytest_cache
+	rm -rf $(PROTO_OUT) .pytest_cache clients/python/dist clients/python/build clients/python/src/switchyard_client/proto
+
+# The Python client package (clients/python, `switchyard-client`) as a wheel in clients/python/dist/. An isolated
+# build: pip fetches the pinned setuptools and grpcio-tools of its pyproject, and its setup.py generates the stubs
+# of protos/switchyard/api/v1 into the package, so the wheel installs anywhere without the repository.
+client-python: $(VENV)/.installed
+	rm -rf clients/python/dist clients/python/build
+	$(PY) -m pip wheel --quiet --no-deps --wheel-dir clients/python/dist ./clients/python
+	@ls clients/python/dist/*.whl
+
+# The Node.js example client's dependencies (clients/node/node_modules), exactly as package-lock.json pins them.
+client-node:
+	cd clients/node && npm ci --no-audit --no-fund
 
 # GuideLLM, the third-party benchmark client of `python -m bench.guidellm_check`, in its own virtualenv
 # so that its dependencies never disturb the pins of .venv. GUIDELLM_VENV moves it (the check reads the
