@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 # Trailing-metadata keys; lower case because gRPC metadata keys must be.
 RETRY_AFTER_MS_KEY = "retry-after-ms"
+# gRPC's own retry policy (a client's service config) waits this long before its next attempt,
+# instead of its backoff: so clients that retry RESOURCE_EXHAUSTED follow our hint without code.
+RETRY_PUSHBACK_MS_KEY = "grpc-retry-pushback-ms"
 FIELD_KEY = "switchyard-field"
 # Used by error_from_status when a RESOURCE_EXHAUSTED status came without a retry hint.
 DEFAULT_RETRY_AFTER_S = 1.0
@@ -64,7 +67,8 @@ def trailing_metadata_for(error: SwitchyardError) -> tuple[tuple[str, str], ...]
     if error.field:
         pairs.append((FIELD_KEY, error.field))
     if isinstance(error, ResourceExhausted):
-        pairs.append((RETRY_AFTER_MS_KEY, str(round(error.retry_after_s * 1000))))
+        retry_after_ms = str(round(error.retry_after_s * 1000))
+        pairs += [(RETRY_AFTER_MS_KEY, retry_after_ms), (RETRY_PUSHBACK_MS_KEY, retry_after_ms)]
     return tuple(pairs)
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
+import time
 
 import grpc
 import grpc.aio
@@ -15,7 +17,7 @@ from shared.grpc_errors import FIELD_KEY, error_from_rpc, status_code_for
 from shared.channel import insecure_channel
 from shared.server import GrpcServer
 
-from .conftest import ERRORS, Probe, method
+from .conftest import ERRORS, SERVICE, Probe, method
 
 EXPECTED: dict[bytes, tuple[grpc.StatusCode, str]] = {
     b"invalid": (grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p: must be in (0, 1], got 1.5"),
@@ -108,6 +110,21 @@ async def test_retry_after_trailing_metadata(channel: grpc.aio.Channel) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await channel.unary_unary(method("Unary"))(b"exhausted")
     assert dict(info.value.trailing_metadata())["retry-after-ms"] == "250"
+
+
+async def test_grpc_retry_policies_wait_the_hint(server: GrpcServer) -> None:
+    """A client whose service config retries RESOURCE_EXHAUSTED waits our hint between attempts
+    (grpc-retry-pushback-ms), not its own 10 ms backoff. A lower bound only: a busy machine is slower."""
+    policy = {"maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.01s", "backoffMultiplier": 1,
+              "retryableStatusCodes": ["RESOURCE_EXHAUSTED"]}
+    config = json.dumps({"methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": policy}]})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.bound_port}", options=[
+            ("grpc.enable_retries", 1), ("grpc.service_config", config)]) as retrying:
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await retrying.unary_unary(method("Unary"))(b"exhausted", timeout=30)
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert time.monotonic() - started >= 2 * 0.25  # two waits of the 250 ms hint
 
 
 async def test_abort_passes_through(channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture) -> None:
