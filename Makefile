@@ -7,7 +7,7 @@ PRESET ?= smollm2
 PROTO_OUT := shared/proto
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: setup buf proto-check protos model test test-chaos test-soak test-compose test-all bench bench-smoke up down run status clean client-python client-node
+.PHONY: setup buf proto-check protos model test test-bench test-chaos test-soak test-compose test-all bench bench-smoke up down run status clean client-python client-node
 
 # Creates .venv with every dependency pinned: requirements.txt (what the services run on, and all the
 # Docker image gets) plus requirements-dev.txt (tests, benchmarks, Triton, manifest validation).
@@ -57,6 +57,11 @@ model: $(VENV)/.installed
 
 test: setup buf
 	$(PY) -m pytest -q
+
+# Every benchmark scenario in quick mode, checked for the files and figures it must write (minutes;
+# CI runs it after `test`).
+test-bench: setup
+	$(PY) -m pytest -q -m bench
 
 # The long fault-injection suite (abort storm, kill -9, overload, NaN, fuzzing); CI runs it after `test`.
 test-chaos: setup

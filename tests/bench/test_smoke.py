@@ -13,7 +13,9 @@ import pytest
 
 from deploy.stack import REPO_ROOT
 
-pytestmark = pytest.mark.e2e
+# Each runs a benchmark scenario in quick mode (minutes in all): `make test-bench`, which CI runs,
+# rather than the everyday `make test`.
+pytestmark = [pytest.mark.e2e, pytest.mark.bench]
 
 SCENARIOS = ("tiny_stack_vs_engine", "null_ttft", "shared_prefix")
 REQUIRED_RUNS = {"tiny_stack_vs_engine": {"stack", "in_process"}, "null_ttft": {"stack", "in_process"},

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
 import jsonschema
 import openai
 import pytest
 from switchyard.api.v1 import generation_pb2 as pb
 
-from services.tokenizer.http_api import create_app, serve_http
 from tests.inprocess import Stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -88,15 +86,6 @@ MAX_TOKENS = 320
 async def stack(smollm2_model_dir):
     async with Stack(smollm2_model_dir, front_door=True, num_workers=1, num_blocks=2048) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-async def client(stack) -> AsyncIterator[openai.AsyncOpenAI]:
-    server = await serve_http(create_app(stack.frontend), "127.0.0.1", 0)
-    async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x",
-                                  max_retries=0, timeout=300) as c:
-        yield c
-    await server.stop()
 
 
 async def generate(stack, what: str, schema: dict, sampling: dict) -> tuple[str, int]:
