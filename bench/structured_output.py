@@ -13,8 +13,10 @@ cache; within a stack the concurrency-8 run follows the concurrency-1 run over t
 both modes alike. Before the constrained runs, one constrained request builds the worker's grammar
 vocabulary (about a second, once per worker), which is start-up, not per-token cost.
 
-Target (a target, not a result): constrained/free output throughput >= 0.8 at concurrency 8.
-The ratio at concurrency 1 is recorded without a target.
+Target: a stream's decode pace (1/TPOT) constrained over free >= 0.8 at concurrency 8, i.e. the mask
+costs at most a fifth of a step. Output throughput of the runs is recorded too, but the two modes
+produce different numbers of tokens (constrained answers stop when the JSON closes), so its ratio
+also weighs prefill and the batch's draining tail differently, and carries no target.
 """
 
 from __future__ import annotations
@@ -107,9 +109,16 @@ def structured_output(o: Options, r: ScenarioResult) -> None:
                 print(f"    {w.name}: {r.metric(w.name, 'output_throughput_tokens_per_s') or 0:.1f} tok/s, "
                       f"{r.runs[w.name]['num_valid_json']} of {len(records)} outputs are JSON objects", flush=True)
     for concurrency in concurrencies:
-        ratio = r.ratio(f"constrained/free c{concurrency}", f"constrained_c{concurrency}", f"free_c{concurrency}")
+        r.ratio(f"output throughput constrained/free c{concurrency}", f"constrained_c{concurrency}",
+                f"free_c{concurrency}")
+        # Decode pace: free TPOT over constrained TPOT, i.e. a stream's tokens per second with the
+        # mask over without. The throughput ratio above also counts that constrained answers are
+        # shorter (the JSON ends; free text runs to max_tokens), so prefill and the batch's
+        # draining tail weigh more in its run; the pace is the per-token cost of the mask.
+        pace = r.ratio(f"decode pace constrained/free c{concurrency}", f"free_c{concurrency}",
+                       f"constrained_c{concurrency}", "tpot_s", "mean")
         if concurrency == concurrencies[-1]:
-            r.target(f"output throughput, constrained/free at concurrency {concurrency}", ratio, ">=", 0.8, "x")
+            r.target(f"decode pace (1/TPOT), constrained/free at concurrency {concurrency}", pace, ">=", 0.8, "x")
 
 
 SCENARIOS: dict[str, tuple[Callable[[Options, ScenarioResult], None], str]] = {

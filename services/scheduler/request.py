@@ -85,6 +85,10 @@ class Request:
     # Draft tokens in the step in flight (speculative decoding): planned as computed, and rolled
     # back to the accepted ones when the reply comes.
     num_draft_tokens: int = 0
+    # Speculation's backoff (speculation.py): steps in a row whose drafts were all rejected, and
+    # how many more plans it gets no proposals.
+    num_draft_misses: int = 0
+    draft_backoff_plans: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the FIRST placement (usage)
     num_host_cached_tokens: int = 0  # of those, the ones copied up from the host tier (L2)
     status: RequestStatus = RequestStatus.WAITING

@@ -23,6 +23,15 @@ a request has a token in flight whenever its next step is planned, and would nev
 again. A request whose last token occurs nowhere earlier cannot match any n-gram in its next step,
 so it keeps async scheduling's overlap, as do prompt chunks and admissions.
 
+Drafts cost where none are kept: verifying k drafts is a forward pass over k+1 tokens, which on a
+CPU costs noticeably more than one (a sampled stream whose drafts were all rejected ran at 0.75x
+of plain here). So a request backs off: after a step that kept none of its drafts it gets no
+proposals in the next 2, 4, 8, ... up to `MAX_BACKOFF_PLANS` plans it takes part in, and one kept
+draft ends the streak.
+Where nothing is accepted a request then pays for one verification in every few dozen steps; where
+most are, a lone miss costs two plans without drafts. Greedy and seeded output do not change:
+drafts never change which tokens are sampled, only how many steps they take.
+
 Knobs (constructor arguments): `num_speculative_tokens` (k, the most drafts per step), `min_n` and
 `max_n` (the n-gram lengths tried; below 2 single tokens match too often to be worth verifying).
 """
@@ -39,6 +48,7 @@ from services.scheduler.request import Request
 from shared.errors import InvalidArgument
 
 SPECULATIVE_METHODS = ("none", "ngram")
+MAX_BACKOFF_PLANS = 64  # the longest a request goes without proposals after steps that kept nothing
 _ID_BYTES = 4  # ids are packed as int32 for the search
 
 
@@ -112,6 +122,9 @@ class Speculation:
         manager = self.block_manager
         for rid, entry in scheduled.items():
             request = entry.request
+            if request is not None and request.draft_backoff_plans > 0:
+                request.draft_backoff_plans -= 1  # counts the plans it takes part in
+                continue
             if (budget < 1 or not isinstance(entry, ScheduledCached) or request is None
                     or entry.num_scheduled_tokens != 1 or entry.num_computed_tokens != request.num_tokens - 1
                     or request.num_output_placeholders != 1 or request.grammar):
@@ -131,8 +144,9 @@ class Speculation:
         return budget
 
     def may_draft_next(self, request: Request) -> bool:
-        """Whether the request's next decode might get drafts, its step in flight not answered yet."""
-        return not request.grammar and self.proposer.may_match_next(request.all_token_ids)
+        """Whether the request's next decode might get drafts, its step in flight not answered yet
+        (not while it backs off: it keeps async scheduling's overlap then)."""
+        return not request.draft_backoff_plans and not request.grammar and self.proposer.may_match_next(request.all_token_ids)
 
     def settle(self, request: Request, entry: ScheduledCached, output: RequestOutput) -> None:
         """The reply to a step with drafts: the computed count drops to the accepted tokens (the
@@ -142,6 +156,11 @@ class Speculation:
         num_accepted = max(0, min(len(output.token_ids) - 1, num_drafts))
         request.num_computed_tokens = entry.num_computed_tokens + 1 + num_accepted
         request.num_draft_tokens = 0
+        if num_drafts and not num_accepted:
+            request.num_draft_misses += 1
+            request.draft_backoff_plans = min(2 ** request.num_draft_misses, MAX_BACKOFF_PLANS)
+        elif num_accepted:
+            request.num_draft_misses = 0
         self.block_manager.free_tail(request.request_id, request.num_computed_tokens)
         self.num_draft_tokens_total += num_drafts
         self.num_accepted_tokens_total += num_accepted

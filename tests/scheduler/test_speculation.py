@@ -13,7 +13,7 @@ from services.scheduler import metrics
 from services.scheduler.batcher import RequestOutput
 from services.scheduler.plan import ScheduledCached, StepPlan
 from services.scheduler.request import FinishReason, RequestStatus
-from services.scheduler.speculation import NgramProposer
+from services.scheduler.speculation import MAX_BACKOFF_PLANS, NgramProposer
 from shared.errors import InvalidArgument
 from tests.scheduler.fakes import greedy_tokens, lookahead_steps, make_pair, make_request, run_until_idle, step
 
@@ -212,3 +212,27 @@ def test_metrics_count_drafts_sent_and_kept() -> None:
                                         RequestOutput("c", (4,))])
     assert REGISTRY.get_sample_value("switchyard_spec_decode_draft_tokens_total", labels) == 6
     assert REGISTRY.get_sample_value("switchyard_spec_decode_accepted_tokens_total", labels) == 2
+
+
+def test_a_request_whose_drafts_are_all_rejected_backs_off_and_one_kept_draft_ends_it() -> None:
+    """After each step that kept none of its drafts, a request goes 2, 4, 8, ... (at most
+    MAX_BACKOFF_PLANS) plans without proposals; a step that keeps one starts the count over."""
+    batcher, _ = make_pair(num_blocks=128, block_size=4, num_speculative_tokens=4)
+    request = make_request("r", [1, 2] * 4, max_tokens=240)
+    decoded(batcher, request, 1)  # history ends [2, 1]: every later bigram occurs earlier
+    proposed_at: list[int] = []
+    for index in range(200):
+        plan = batcher.schedule()
+        [entry] = plan.cached_requests
+        reply = (2,) if request.output_token_ids[-1] == 1 else (1,)  # keeps the history matching
+        if entry.draft_token_ids:
+            proposed_at.append(index)
+            if len(proposed_at) == 5:  # this step keeps one draft: the streak ends
+                reply = (reply[0], entry.draft_token_ids[1])
+        batcher.update(plan, [RequestOutput("r", reply)])
+    gaps = [b - a - 1 for a, b in zip(proposed_at, proposed_at[1:])]
+    # Misses 1-4 back off 2, 4, 8, 16 plans; the fifth step keeps a draft, so the next one is at
+    # once; then misses 1, 2, ... again: 2, 4, 8, 16, 32, 64, 64.
+    assert gaps[:4] == [2, 4, 8, 16] and gaps[4] == 0, gaps
+    assert gaps[5:] == [2, 4, 8, 16, 32, MAX_BACKOFF_PLANS][:len(gaps) - 5], gaps
+    assert len(gaps) >= 10
