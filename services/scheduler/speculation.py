@@ -26,8 +26,9 @@ so it keeps async scheduling's overlap, as do prompt chunks and admissions.
 Drafts cost where none are kept: verifying k drafts is a forward pass over k+1 tokens, which on a
 CPU costs noticeably more than one (a sampled stream whose drafts were all rejected ran at 0.75x
 of plain here). So a request backs off: after a step that kept none of its drafts it gets no
-proposals in the next 2, 4, 8, ... up to `MAX_BACKOFF_PLANS` plans it takes part in, and one kept
-draft ends the streak.
+proposals in the next 2, 4, 8, ... up to `MAX_BACKOFF_PLANS` plans it takes part in; a step that
+keeps half of its drafts or more ends the streak, one that keeps fewer shortens it by one (sampled
+text keeps a draft by chance now and then, which must not restart the backoff from 2).
 Where nothing is accepted a request then pays for one verification in every few dozen steps; where
 most are, a lone miss costs two plans without drafts. Greedy and seeded output do not change:
 drafts never change which tokens are sampled, only how many steps they take.
@@ -159,8 +160,10 @@ class Speculation:
         if num_drafts and not num_accepted:
             request.num_draft_misses += 1
             request.draft_backoff_plans = min(2 ** request.num_draft_misses, MAX_BACKOFF_PLANS)
-        elif num_accepted:
+        elif 2 * num_accepted >= num_drafts:
             request.num_draft_misses = 0
+        else:  # a lucky draft now and then (sampled text) must not restart the backoff from 2
+            request.num_draft_misses = max(0, request.num_draft_misses - 1)
         self.block_manager.free_tail(request.request_id, request.num_computed_tokens)
         self.num_draft_tokens_total += num_drafts
         self.num_accepted_tokens_total += num_accepted

@@ -214,25 +214,32 @@ def test_metrics_count_drafts_sent_and_kept() -> None:
     assert REGISTRY.get_sample_value("switchyard_spec_decode_accepted_tokens_total", labels) == 2
 
 
-def test_a_request_whose_drafts_are_all_rejected_backs_off_and_one_kept_draft_ends_it() -> None:
+def test_a_request_whose_drafts_are_all_rejected_backs_off_until_it_keeps_half() -> None:
     """After each step that kept none of its drafts, a request goes 2, 4, 8, ... (at most
-    MAX_BACKOFF_PLANS) plans without proposals; a step that keeps one starts the count over."""
+    MAX_BACKOFF_PLANS) plans without proposals; a step that keeps fewer than half shortens the
+    streak by one, one that keeps half or more ends it."""
     batcher, _ = make_pair(num_blocks=128, block_size=4, num_speculative_tokens=4)
-    request = make_request("r", [1, 2] * 4, max_tokens=240)
-    decoded(batcher, request, 1)  # history ends [2, 1]: every later bigram occurs earlier
+    def after(token: int) -> int:  # the history repeats 1..5, so every n-gram occurs 5 tokens back
+        return token % 5 + 1
+
+    request = make_request("r", [1, 2, 3, 4, 5] * 3, max_tokens=240)
+    decoded(batcher, request, 1)
     proposed_at: list[int] = []
     for index in range(200):
         plan = batcher.schedule()
         [entry] = plan.cached_requests
-        reply = (2,) if request.output_token_ids[-1] == 1 else (1,)  # keeps the history matching
-        if entry.draft_token_ids:
+        drafts = entry.draft_token_ids
+        reply: tuple[int, ...] = (after(request.output_token_ids[-1]),)
+        if drafts:
             proposed_at.append(index)
-            if len(proposed_at) == 5:  # this step keeps one draft: the streak ends
-                reply = (reply[0], entry.draft_token_ids[1])
+            assert len(drafts) == 4
+            if len(proposed_at) == 5:  # keeps one of four
+                reply = (reply[0], drafts[1])
+            elif len(proposed_at) == 8:  # keeps all four
+                reply = (*drafts, after(drafts[-1]))
         batcher.update(plan, [RequestOutput("r", reply)])
     gaps = [b - a - 1 for a, b in zip(proposed_at, proposed_at[1:])]
-    # Misses 1-4 back off 2, 4, 8, 16 plans; the fifth step keeps a draft, so the next one is at
-    # once; then misses 1, 2, ... again: 2, 4, 8, 16, 32, 64, 64.
-    assert gaps[:4] == [2, 4, 8, 16] and gaps[4] == 0, gaps
-    assert gaps[5:] == [2, 4, 8, 16, 32, MAX_BACKOFF_PLANS][:len(gaps) - 5], gaps
-    assert len(gaps) >= 10
+    # misses 1-4; one of four kept (misses 3, no wait); misses 4, 5; all kept (misses 0, no wait);
+    # then misses 1, 2, ...
+    assert gaps[:11] == [2, 4, 8, 16, 0, 16, 32, 0, 2, 4, 8], gaps
+    assert max(gaps) <= MAX_BACKOFF_PLANS
