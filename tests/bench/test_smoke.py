@@ -186,4 +186,8 @@ def test_the_structured_output_scenario_runs_free_and_constrained(tmp_path: Path
     assert set(scenario["runs"]) == {f"{mode}_c{c}" for mode in ("free", "constrained") for c in concurrencies}
     for key, run in scenario["runs"].items():
         assert run["num_completed"] == run["num_requests"] == scenario["config"]["num_requests"], (key, run["errors"])
-    assert all(scenario["ratios"][f"constrained/free c{c}"] > 0 for c in concurrencies)
+    for c in concurrencies:
+        assert scenario["ratios"][f"output throughput constrained/free c{c}"] > 0
+        assert scenario["ratios"][f"decode pace constrained/free c{c}"] > 0
+    assert [t["name"] for t in scenario["targets"]] == [
+        f"decode pace (1/TPOT), constrained/free at concurrency {concurrencies[-1]}"]
