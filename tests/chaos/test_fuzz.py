@@ -644,7 +644,9 @@ HTTP_BAD_CHAT: dict[str, list[Any]] = {
     "tools": [[{"type": "retrieval"}], [{"type": "function"}], [{"type": "function", "function": {"name": "a b"}}],
               [{"type": "function", "function": {"name": "f", "parameters": []}}], "x"],
     "tool_choice": ["sometimes", 5, {"type": "function", "function": {"name": "f"}}],
-    "response_format": [{"type": "json_object"}, {"type": 5}, "text"],
+    "response_format": [{"type": "json_schema"}, {"type": 5}, "text", {"type": "yaml"},
+                        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}},
+                        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(("}}}],
 }
 
 
