@@ -10,7 +10,7 @@ never write into another request's blocks.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -134,11 +134,10 @@ class Executor:
                     f"{field_name}.draft_token_ids: {len(drafts)} drafts need ids in [0, {vocab_size}) and "
                     f"num_scheduled_tokens {old.num_tokens + len(drafts) - old.num_computed_tokens}, "
                     f"got {cached.num_scheduled_tokens}", field=field_name)
-            staged[cached.request_id] = RequestState(
-                old.request_id, old.prompt_token_ids, old.output_token_ids, old.sampling,
-                old.block_ids + list(cached.new_block_ids), old.num_computed_tokens,
-                cached.num_scheduled_tokens, old.token_ids, old.trace_context, draft_token_ids=drafts,
-                matcher=old.matcher, grammar_error=old.grammar_error,
+            # A new state (committed only once the whole step is valid) that keeps everything else.
+            staged[cached.request_id] = replace(
+                old, block_ids=old.block_ids + list(cached.new_block_ids),
+                num_scheduled_tokens=cached.num_scheduled_tokens, draft_token_ids=drafts,
             )
         for state in staged.values():
             self._check_schedulable(state)
@@ -251,7 +250,7 @@ class Executor:
 
     def _grammar_masks(self, states: list[RequestState]) -> dict[str, torch.Tensor]:
         """Allowed-token masks of the constrained requests about to sample (none: {})."""
-        constrained = [s for s in states if s.matcher is not None and not s.grammar_error]
+        constrained = [s for s in states if s.matcher is not None]  # None also where it could not be built
         if not constrained:
             return {}
         masks = token_masks([s.matcher for s in constrained], self.runner.spec.vocab_size)
