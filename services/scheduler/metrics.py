@@ -28,6 +28,7 @@ from services.scheduler.canary import Rollback, RollbackGuard
 from services.scheduler.plan import RequestEvent, RequestOutput, StepPlan
 from services.scheduler.request import Request, RequestError
 from services.scheduler.router import Router, RoutingDecision
+from services.scheduler.speculation import num_accepted
 from shared.telemetry import LATENCY_BUCKETS_S
 
 
@@ -250,10 +251,9 @@ def observe_drafts(loop: WorkerLoop, plan: StepPlan, outputs: list[RequestOutput
     drafted = {c.request_id: len(c.draft_token_ids) for c in plan.cached_requests if c.draft_token_ids}
     if not drafted:
         return
-    num_accepted = sum(min(max(len(o.token_ids) - 1, 0), drafted[o.request_id])
-                       for o in outputs if o.request_id in drafted)
+    accepted = sum(num_accepted(drafted[o.request_id], o) for o in outputs if o.request_id in drafted)
     SPEC_DRAFT_TOKENS.labels(loop.pool, loop.address).inc(sum(drafted.values()))
-    SPEC_ACCEPTED_TOKENS.labels(loop.pool, loop.address).inc(num_accepted)
+    SPEC_ACCEPTED_TOKENS.labels(loop.pool, loop.address).inc(accepted)
 
 
 def observe_worker_down(loop: WorkerLoop) -> None:

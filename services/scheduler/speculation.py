@@ -100,6 +100,11 @@ def _rfind_ids(data: bytes, pattern: bytes, end: int) -> int:
     return pos // _ID_BYTES if pos >= 0 and pos % _ID_BYTES == 0 else -1
 
 
+def num_accepted(num_drafts: int, output: RequestOutput) -> int:
+    """Drafts a step's reply kept: the reply holds them and one more token."""
+    return max(0, min(len(output.token_ids) - 1, num_drafts))
+
+
 class Speculation:
     """The Batcher's drafts: added to a planned step, settled when its reply comes. Counts drafts
     proposed and accepted (tests and benchmarks read them; metrics count from the replies)."""
@@ -154,17 +159,17 @@ class Speculation:
         last returned token is not computed yet, as after any decode) and the blocks past it go
         back to the pool; the worker drops the same blocks from its table."""
         num_drafts = len(entry.draft_token_ids)
-        num_accepted = max(0, min(len(output.token_ids) - 1, num_drafts))
-        request.num_computed_tokens = entry.num_computed_tokens + 1 + num_accepted
+        accepted = num_accepted(num_drafts, output)
+        request.num_computed_tokens = entry.num_computed_tokens + 1 + accepted
         request.num_draft_tokens = 0
-        if num_drafts and not num_accepted:
+        if num_drafts and not accepted:
             request.num_draft_misses += 1
             request.draft_backoff_plans = min(2 ** request.num_draft_misses, MAX_BACKOFF_PLANS)
-        elif 2 * num_accepted >= num_drafts:
+        elif 2 * accepted >= num_drafts:
             request.num_draft_misses = 0
         else:  # a lucky draft now and then (sampled text) must not restart the backoff from 2
             request.num_draft_misses = max(0, request.num_draft_misses - 1)
         self.block_manager.free_tail(request.request_id, request.num_computed_tokens)
         self.num_draft_tokens_total += num_drafts
-        self.num_accepted_tokens_total += num_accepted
+        self.num_accepted_tokens_total += accepted
         self.num_steps_with_drafts_total += 1
