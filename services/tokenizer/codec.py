@@ -17,18 +17,20 @@ from services.tokenizer.api_types import ChatMessage, FunctionTool
 from services.tokenizer.detokenizer import Decoder
 from services.tokenizer.tool_prompt import render_turns, template_messages, template_tools
 from shared.gguf_model import GgufModel, is_gguf_path
+from shared.gguf_tokenizer import build_tokenizer
 from shared.hf_tokenizer import load_tokenizer
 
 
 class Codec:
     def __init__(self, model_dir: str | Path) -> None:
         self.model_dir = Path(model_dir)
-        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(self.model_dir)
         if is_gguf_path(self.model_dir):
-            gguf = GgufModel(self.model_dir)
+            gguf = GgufModel(self.model_dir)  # validates first: a bad file is one GgufError line
+            self.tokenizer: PreTrainedTokenizerBase = build_tokenizer(gguf)  # the file parsed once
             self.max_model_len = gguf.config.max_position_embeddings
             self.vocab_size = gguf.config.vocab_size
         else:
+            self.tokenizer = load_tokenizer(self.model_dir)
             config = json.loads((self.model_dir / "config.json").read_text())
             self.max_model_len = int(config.get("max_position_embeddings", 2048))
             self.vocab_size = int(config.get("vocab_size", len(self.tokenizer)))
