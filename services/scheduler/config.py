@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,12 @@ def _autoscale_policy(a: argparse.Namespace) -> AutoscalePolicy:
         flag, env = next((flag, env) for flag, env, _, _ in _AUTOSCALE_FLAGS
                          if flag == "--" + (e.field or "").replace(".", "-").replace("_", "-"))
         raise ConfigError(f"{flag} / {env}: {str(e).removeprefix(f'{e.field}: ')}") from e
+
+
+def _check_choice(flag: str, env_name: str, value: str, choices: Sequence[str]) -> None:
+    # argparse checks `choices` on the command line only, never a default taken from the environment.
+    if value not in choices:
+        raise ConfigError(f"{flag} / {env_name}: must be one of {', '.join(choices)}, got {value!r}")
 
 
 def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
@@ -208,15 +215,10 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
                         ("--host-hit-cost", a.host_hit_cost)):
         if not math.isfinite(value) or value < 0:  # the router would refuse it only when built
             raise ConfigError(f"{flag}: must be a finite number >= 0, got {value!r}")
-    if a.speculative not in SPECULATIVE_METHODS:  # argparse checks choices on the command line only
-        raise ConfigError(f"--speculative / SWITCHYARD_SPECULATIVE: must be one of {', '.join(SPECULATIVE_METHODS)}, "
-                          f"got {a.speculative!r}")
+    _check_choice("--speculative", "SWITCHYARD_SPECULATIVE", a.speculative, SPECULATIVE_METHODS)
     if a.num_speculative_tokens < 1:
         raise ConfigError(f"--num-speculative-tokens: must be >= 1, got {a.num_speculative_tokens}")
-    if a.kv_eviction not in EVICTION_POLICIES:
-        # argparse checks `choices` on the command line only, never a default taken from the environment.
-        raise ConfigError(f"--kv-eviction / SWITCHYARD_KV_EVICTION: must be one of {', '.join(EVICTION_POLICIES)}, "
-                          f"got {a.kv_eviction!r}")
+    _check_choice("--kv-eviction", "SWITCHYARD_KV_EVICTION", a.kv_eviction, EVICTION_POLICIES)
     if a.pools_file:
         pools = load_pools(a.pools_file)
     else:
@@ -232,7 +234,8 @@ def parse_config(argv: list[str] | None = None) -> SchedulerConfig:
         batch_wait_ms=a.batch_wait_ms,
         max_waiting_requests=a.max_waiting_requests, step_timeout_s=a.step_timeout_s,
         async_scheduling=a.async_scheduling,
-        num_speculative_tokens=a.num_speculative_tokens if a.speculative == "ngram" else 0, load_weight=a.load_weight, decode_cost_tokens=a.decode_cost_tokens,
+        num_speculative_tokens=a.num_speculative_tokens if a.speculative == "ngram" else 0,
+        load_weight=a.load_weight, decode_cost_tokens=a.decode_cost_tokens,
         host_hit_cost=a.host_hit_cost, routing=a.routing,
         tls=tls_from_args(a), rollback=rollback, discovery_interval_s=a.discovery_interval_s,
         kv_eviction=a.kv_eviction, autoscale=autoscale,
